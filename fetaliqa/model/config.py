@@ -1,0 +1,174 @@
+"""Typed configuration of a fetaliqa model: everything that is not backbone geometry.
+
+The backbone geometry is open_clip data (``configs/*.json``, registered with
+``open_clip.add_model_config``); a ModelConfig names it and, once exported, carries a copy
+of it in ``geometry`` so an exported model rebuilds without the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_registered = False
+
+
+def register_configs() -> None:
+    """Register the package's open_clip model configs (FetalCLIP, fetalclip-small) once."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+# Tapped blocks (1-based) per backbone. FetalCLIP's are the published 6, 8, 12, 24; the
+# small geometry keeps the same relative depths (1/4, 1/3, 1/2, last) of its 6 blocks.
+DEFAULT_TAPS: dict[str, tuple[int, ...]] = {"FetalCLIP": (6, 8, 12, 24), "fetalclip-small": (2, 3, 4, 6)}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HEADS = ("seg", "cls")
+ENCODER_MODES = ("frozen", "lora")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the vision tower (used when ``encoder_mode == "lora"``).
+
+    targets: module-name suffixes. ``"attn"`` is the whole ``nn.MultiheadAttention`` of each
+    block: peft then adapts both the q/k/v in-projection and the out-projection. (Targeting
+    ``attn.out_proj`` alone, as published, does nothing: MultiheadAttention reads its weight
+    without calling the module, so the adapter never sees a forward pass.)
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("attn", "mlp.c_fc", "mlp.c_proj")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraSettings":
+        d = dict(d)
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**_known(cls, d, "lora"))
+
+
+@dataclass
+class ModelConfig:
+    """Everything that builds, feeds and reads a FetalCLIP-SEG / -CLS model.
+
+    backbone: open_clip model name ("FetalCLIP", or "fetalclip-small" for CPU tests/default).
+    heads: ("seg",), ("cls",) or ("seg", "cls").
+    taps: 1-based transformer blocks feeding the SEG decoder (deepest last); None -> the
+        backbone's default (DEFAULT_TAPS).
+    decoder_width: base width f of the SEG decoder (32 as published).
+    encoder_mode: "frozen" (no gradient through the encoder; features can be cached) or
+        "lora" (peft adapters in the encoder, trained through the head losses).
+    image_size, mean, std, resize_mode: preprocessing (centred zero-pad to square, resize,
+        gray -> 3 channels, CLIP normalisation).
+    pixel_threshold: sigmoid probability above which a 224x224 pixel is foreground.
+    area_threshold: a frame is "good" when its foreground covers at least this fraction of
+        the image_size x image_size pixels (1 % = 502 pixels at 224).
+    cls_threshold: CLS probability at/above which a frame is "good".
+    select_by: head that ranks frames when both exist ("seg" or "cls").
+    temporal_window: frames on each side (same sweep) that support a frame's quality score.
+    ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
+    geometry: the open_clip model config (embed_dim, vision_cfg, ...); None -> looked up
+        from the registry by ``backbone`` (filled in on export).
+    """
+
+    backbone: str = "FetalCLIP"
+    heads: tuple[str, ...] = ("seg",)
+    taps: tuple[int, ...] | None = None
+    decoder_width: int = 32
+    encoder_mode: str = "frozen"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize_mode: str = "bicubic"
+    pixel_threshold: float = 0.5
+    area_threshold: float = 0.01
+    cls_threshold: float = 0.5
+    select_by: str = "seg"
+    temporal_window: int = 2
+    ellipse_mask: bool = False
+    geometry: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.heads = tuple(self.heads)
+        if not self.heads or any(h not in HEADS for h in self.heads) or len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads!r}")
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
+        if self.select_by not in HEADS:
+            raise ValueError(f"select_by must be one of {HEADS}, got {self.select_by!r}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings.from_dict(self.lora)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        layers = int(self.vision_cfg()["layers"])
+        if self.taps is None:
+            self.taps = DEFAULT_TAPS.get(self.backbone) or tuple(
+                max(1, round(layers * q)) for q in (1 / 4, 1 / 3, 1 / 2, 1))
+        self.taps = tuple(int(t) for t in self.taps)
+        if "seg" in self.heads and len(self.taps) != 4:
+            raise ValueError(f"the SEG decoder needs exactly 4 tapped blocks, got taps={self.taps}")
+        if any(not 1 <= t <= layers for t in self.taps):
+            raise ValueError(f"taps {self.taps} must lie in 1..{layers} (1-based blocks of {self.backbone})")
+        if self.image_size % 16 or self.image_size % int(self.vision_cfg()["patch_size"]):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 16 and by the patch size")
+
+    def open_clip_config(self) -> dict[str, Any]:
+        """The open_clip model config (``geometry`` if set, else the registered one)."""
+        if self.geometry is not None:
+            return self.geometry
+        register_configs()
+        cfg = open_clip.get_model_config(self.backbone)
+        if cfg is None:
+            raise ValueError(f"unknown backbone {self.backbone!r}: not an open_clip model config "
+                             f"(package configs in {CONFIG_DIR}) and no geometry given")
+        return cfg
+
+    def vision_cfg(self) -> dict[str, Any]:
+        return self.open_clip_config()["vision_cfg"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.open_clip_config()["embed_dim"])
+
+    def with_geometry(self) -> "ModelConfig":
+        """A copy whose ``geometry`` is filled in (self-describing, for export)."""
+        return dataclasses.replace(self, geometry=self.open_clip_config())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["lora"] = self.lora.to_dict()
+        for k in ("heads", "taps", "mean", "std"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = _known(cls, d, "model")
+        if "lora" in d:
+            d["lora"] = LoraSettings.from_dict(d["lora"])
+        for k in ("heads", "taps", "mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; expected some of {sorted(names)}")
+    return dict(d)

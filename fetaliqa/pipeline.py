@@ -1,0 +1,150 @@
+"""One call from a (frames, rows, cols) uint8 stack to (frame, 2D mask, per-frame scores).
+
+``analyse_stack`` streams batches of frames through preprocessing and the model on the
+model's device (one batch in memory at a time), turns each frame's probability map into a
+few statistics (``select.frame_stats``), picks one frame (``select``), and builds the
+chosen frame's native-resolution mask (``postprocess.final_mask``). ``FrameScorer`` scores
+any list of frame indices and remembers the results, so a coarse-to-fine search can score
+a subset, then refine around the best.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .postprocess import final_mask
+from .preprocess import frames_to_model_input, iter_frame_batches, square_to_native
+from .select import choose_frame, frame_stats, seg_scores, sweep_length
+
+SEARCHES = ("exhaustive",)
+
+
+@dataclass
+class Analysis:
+    """frame: 0-based chosen frame, -1 only when the stack holds no signal (all zero).
+    mask: uint8 (rows, cols) {0, 1} of the chosen frame; never empty when frame >= 0.
+    scores: float32 (frames,) per-frame quality score (nan = not scored).
+    good: bool (frames,) per-frame decision.
+    timings: seconds per stage ("signal", "model", "select", "mask", "total")."""
+
+    frame: int
+    mask: np.ndarray
+    scores: np.ndarray
+    good: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FrameScorer:
+    """Runs ``model`` over chosen frames of ``stack``; per-frame results in float32 arrays
+    (nan = not scored yet): ``area``, ``mean_fg``, ``peak`` (SEG) and ``cls_prob`` (CLS)."""
+
+    def __init__(self, stack: np.ndarray, model: torch.nn.Module, *, device: str | torch.device = "cpu",
+                 batch_size: int = 16, amp: bool = False, progress: bool = True) -> None:
+        self.stack, self.model, self.cfg = stack, model, model.config
+        self.device = torch.device(device)
+        self.batch_size, self.progress = max(1, int(batch_size)), progress
+        self.amp = amp and self.device.type == "cuda"  # fp16 autocast only where it pays (T4 has no bf16)
+        n = stack.shape[0]
+        self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
+        self.scored = np.zeros(n, bool)
+
+    @torch.inference_mode()
+    def _run(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = frames_to_model_input(frames, self.cfg)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            out = self.model(x)
+        return {k: torch.sigmoid(v.float()) for k, v in out.items()}
+
+    def score(self, indices: Sequence[int]) -> None:
+        """Score the given frames (already scored ones are skipped)."""
+        todo = [int(i) for i in indices if not self.scored[int(i)]]
+        bar = tqdm(total=len(todo), desc="frames", unit="frame", file=sys.stderr, disable=not self.progress,
+                   leave=False)
+        for idx, frames in iter_frame_batches(self.stack, todo, self.batch_size, self.device):
+            out = self._run(frames)
+            if "seg" in out:
+                st = frame_stats(out["seg"][:, 0], self.cfg.pixel_threshold)
+                self.area[idx], self.mean_fg[idx], self.peak[idx] = (st[k].cpu().numpy() for k in
+                                                                     ("area", "mean_fg", "peak"))
+            if "cls" in out:
+                self.cls_prob[idx] = out["cls"].cpu().numpy()
+            self.scored[idx] = True
+            bar.update(len(idx))
+        bar.close()
+
+    def scores_and_good(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(scores float32, good bool, tiebreak or None) under the config's selection head."""
+        cfg = self.cfg
+        if cfg.select_by == "cls" and "cls" in cfg.heads or "seg" not in cfg.heads:
+            p = self.cls_prob
+            return p.copy(), np.nan_to_num(p, nan=-1.0) >= cfg.cls_threshold, None
+        scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)))
+        return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
+
+    def seg_prob(self, frame: int) -> torch.Tensor:
+        """(S, S) float32 SEG probability map of one frame (CPU)."""
+        _, frames = next(iter_frame_batches(self.stack, [frame], 1, self.device))
+        return self._run(frames)["seg"][0, 0].cpu()
+
+
+def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 16,
+                  amp: bool = False, fov: np.ndarray | None = None,
+                  search: str = "exhaustive", progress: bool = True) -> Analysis:
+    """Choose the frame to measure the abdominal circumference on and segment it.
+
+    stack: (frames, rows, cols) uint8 (any integer/float grey values 0..255 work).
+    model: a FetalIQAModel with a SEG head (``load_exported``); moved to ``device``, eval mode.
+    amp: fp16 autocast on CUDA (ignored on CPU). fov: bool (rows, cols) fan mask restricting
+    the output mask; None -> pixels non-zero in any frame of the stack.
+    search: "exhaustive" scores every frame that holds any signal.
+    A model without a SEG head (FetalCLIP-CLS alone) cannot produce the required mask:
+    ValueError.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    stack = np.asarray(stack)
+    if stack.ndim != 3 or 0 in stack.shape:
+        raise ValueError(f"stack must be a non-empty (frames, rows, cols) array, got shape {stack.shape}")
+    cfg = model.config
+    if "seg" not in cfg.heads:
+        raise ValueError(f"model heads {cfg.heads}: FetalCLIP-CLS alone chooses frames but cannot produce "
+                         "the abdomen mask the challenge needs; use a model with a 'seg' head")
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; available: {', '.join(SEARCHES)}")
+    n, rows, cols = stack.shape
+    if fov is not None and fov.shape != (rows, cols):
+        raise ValueError(f"fov shape {fov.shape} does not match the frames' ({rows}, {cols})")
+    model.to(device).eval()
+
+    signal = stack.reshape(n, -1).max(axis=1) > 0  # a reduction: no full-size temporary
+    timings["signal"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    scorer = FrameScorer(stack, model, device=device, batch_size=batch_size, amp=amp, progress=progress)
+    scorer.score(np.flatnonzero(signal))
+    timings["model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores, good, tiebreak = scorer.scores_and_good()
+    frame = choose_frame(scores, good, tiebreak)
+    timings["select"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    mask = np.zeros((rows, cols), np.uint8)
+    if frame >= 0:
+        prob = square_to_native(scorer.seg_prob(frame)[None], rows, cols)[0].numpy()
+        fan = fov.astype(bool) if fov is not None else stack.max(axis=0) > 0
+        mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
+        if not mask.any():  # fan has no pixel at all: fall back to the frame's non-zero pixels
+            mask = final_mask(prob, cfg.pixel_threshold, stack[frame] > 0, ellipse=cfg.ellipse_mask)
+    timings["mask"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return Analysis(frame=frame, mask=mask, scores=scores.astype(np.float32), good=good.astype(bool),
+                    timings=timings)

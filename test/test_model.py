@@ -1,0 +1,159 @@
+"""FetalCLIP backbone geometry, checkpoint loading in all its forms, heads, export/load."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from fetaliqa.model import (ModelConfig, build_model, count_parameters, export_model, is_exported_model,
+                            load_exported)
+
+torch.set_num_threads(2)
+SMALL = dict(backbone="fetalclip-small", decoder_width=8)
+
+
+def test_fetalclip_geometry_parameter_counts():
+    with torch.device("meta"):  # counts without allocating 1.2 GB
+        m = build_model(ModelConfig(backbone="FetalCLIP", heads=("seg", "cls")))
+    assert count_parameters(m.encoder) == 303_966_208
+    assert count_parameters(m.encoder.transformer.resblocks[0]) == 12_596_224
+    assert count_parameters(m.decoder) == 1_591_941
+    assert count_parameters(m.cls_head) == 768 + 1
+    assert m.config.taps == (6, 8, 12, 24)
+    assert count_parameters(m, trainable_only=True) == 1_591_941 + 769  # frozen encoder
+
+
+def test_small_forward_shapes_and_frozen_encoder():
+    cfg = ModelConfig(heads=("seg", "cls"), **SMALL)
+    m = build_model(cfg)
+    x = torch.randn(2, 3, 224, 224)
+    out = m(x)
+    assert out["seg"].shape == (2, 1, 224, 224) and out["cls"].shape == (2,)
+    enc = m.encode(x)
+    assert [f.shape for f in enc["feats"]] == [(2, 128, 14, 14)] * 4
+    assert not enc["feats"][0].requires_grad  # frozen: no graph through the encoder, features cacheable
+    (out["seg"].mean() + out["cls"].mean()).backward()
+    assert all(p.grad is None for p in m.encoder.parameters())
+    assert m.decoder.out[-1].weight.grad is not None and m.cls_head.weight.grad is not None
+
+
+def test_taps_select_blocks():
+    m = build_model(ModelConfig(taps=(1, 1, 1, 1), **SMALL)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    f = m.encode(x)["feats"]
+    assert torch.equal(f[0], f[3])
+    with pytest.raises(ValueError, match="taps"):
+        ModelConfig(taps=(1, 2, 3, 7), **SMALL)
+    with pytest.raises(ValueError, match="4 tapped"):
+        ModelConfig(taps=(1, 2, 3), **SMALL)
+
+
+def test_config_round_trip():
+    cfg = ModelConfig(heads=("seg", "cls"), encoder_mode="lora", pixel_threshold=0.4, **SMALL).with_geometry()
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert ModelConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**d, "bogus": 1})
+
+
+def _visual_sd(m):
+    return {k: v.clone() for k, v in m.encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("form", ["raw_visual", "full_clip", "wrapped_module"])
+def test_checkpoint_forms_load(tmp_path, form):
+    src = build_model(ModelConfig(**SMALL))
+    vis = _visual_sd(src)
+    if form == "raw_visual":
+        obj = vis
+    else:
+        obj = {f"visual.{k}": v for k, v in vis.items()}
+        obj.update({"logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(3, 4),
+                    "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2)})
+        if form == "wrapped_module":
+            obj = {"state_dict": {f"module.{k}": v for k, v in obj.items()}}
+    path = tmp_path / "ck.pt"
+    torch.save(obj, path)
+    m = build_model(ModelConfig(**SMALL), weights=path)
+    for k, v in m.encoder.state_dict().items():
+        assert torch.equal(v, vis[k]), k
+
+
+def test_checkpoint_errors_name_file_and_keys(tmp_path):
+    vis = _visual_sd(build_model(ModelConfig(**SMALL)))
+    truncated = dict(vis)
+    del truncated["proj"], truncated["transformer.resblocks.5.mlp.c_fc.weight"]
+    truncated["extra.weight"] = torch.zeros(1)
+    p = tmp_path / "bad.pt"
+    torch.save(truncated, p)
+    with pytest.raises(ValueError) as e:
+        build_model(ModelConfig(**SMALL), weights=p)
+    msg = str(e.value)
+    assert str(p) in msg and "proj" in msg and "resblocks.5.mlp.c_fc.weight" in msg and "extra.weight" in msg
+    wrong = dict(vis, proj=torch.zeros(3, 3))
+    torch.save(wrong, p)
+    with pytest.raises(ValueError, match="Shape mismatches.*proj"):
+        build_model(ModelConfig(**SMALL), weights=p)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        build_model(ModelConfig(**SMALL), weights=tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_model(ModelConfig(**SMALL), weights=tmp_path / "missing.pt")
+
+
+def test_export_load_round_trip_without_peft(tmp_path, monkeypatch):
+    m = build_model(ModelConfig(heads=("seg", "cls"), **SMALL)).eval()
+    export_model(m, tmp_path, {"data": "sim", "epochs": 0, "commit": "abc"})
+    assert is_exported_model(tmp_path) and not is_exported_model(tmp_path / "nowhere")
+    monkeypatch.setitem(sys.modules, "peft", None)  # loading must not need peft
+    m2 = load_exported(tmp_path)
+    assert m2.provenance["commit"] == "abc" and m2.config.heads == ("seg", "cls")
+    assert m2.config.geometry["vision_cfg"]["layers"] == 6
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        a, b = m(x), m2(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_exported_refuses_mismatches(tmp_path):
+    export_model(build_model(ModelConfig(**SMALL)), tmp_path, {})
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["config"]["decoder_width"] = 16
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model.safetensors.*do not match.*shape mismatches"):
+        load_exported(tmp_path)
+    meta["config"]["decoder_width"] = 8
+    meta["config"]["geometry"]["vision_cfg"]["width"] = 192
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not match"):
+        load_exported(tmp_path)
+    (tmp_path / "model.json").write_text("{broken")
+    with pytest.raises(ValueError, match="model.json is not valid JSON"):
+        load_exported(tmp_path)
+    assert not is_exported_model(tmp_path)
+    (tmp_path / "model.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_exported(tmp_path)
+
+
+@pytest.mark.slow
+def test_full_fetalclip_checkpoint_loads(tmp_path):
+    """True FetalCLIP geometry (~1.2 GB fp32 per copy) from a random checkpoint in FetalCLIP's
+    key format (full-CLIP `visual.*` keys, wrapped, `module.`-prefixed, a few text keys)."""
+    cfg = ModelConfig(backbone="FetalCLIP", heads=("seg",))
+    src = build_model(cfg).encoder
+    assert count_parameters(src) == 303_966_208
+    ref = {k: src.state_dict()[k].clone() for k in ("conv1.weight", "transformer.resblocks.23.mlp.c_proj.weight",
+                                                      "proj")}
+    sd = {f"module.visual.{k}": v for k, v in src.state_dict().items()}
+    sd.update({"module.logit_scale": torch.tensor(4.6), "module.positional_embedding": torch.zeros(117, 768)})
+    path = tmp_path / "FetalCLIP_weights.pt"
+    torch.save({"state_dict": sd}, path)
+    del src, sd
+    m = build_model(cfg, weights=path)
+    for k, v in ref.items():
+        assert torch.equal(m.encoder.state_dict()[k], v), k
+    assert len(m.encoder.state_dict()) == 5 + 12 * 24 + 3  # stem 5, 12 per block, ln_post 2 + proj

@@ -1,0 +1,101 @@
+"""analyse_stack end to end: contract of Analysis with a random small model, and selection +
+native-grid mask with a transparent model whose foreground is the bright pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fetaliqa.model import ModelConfig, build_model
+from fetaliqa.pipeline import Analysis, analyse_stack
+
+torch.set_num_threads(2)
+
+
+class BrightIsAbdomen(nn.Module):
+    """SEG logits = (normalised intensity - 1) * 20: pixels brighter than ~0.5 of full scale
+    (after CLIP normalisation) are foreground. Exercises preprocessing, the inverse mapping,
+    scoring and selection without trained weights."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.config = ModelConfig(backbone="fetalclip-small", heads=("seg",), **kw)
+
+    def forward(self, x):
+        return {"seg": (x[:, :1] - 0.1) * 20}
+
+
+def _stack(n=12, rows=56, cols=74):  # needs n >= 11
+    rng = np.random.default_rng(0)
+    st = (rng.random((n, rows, cols)) * 60).astype(np.uint8)
+    st[0] = 0  # blank frame
+    y, x = np.mgrid[:rows, :cols]
+    disk = ((y - 28) / 14) ** 2 + ((x - 40) / 18) ** 2 <= 1
+    for f, scale in ((5, 0.6), (6, 1.0), (7, 0.8)):  # a run of growing/shrinking abdomen
+        d = ((y - 28) / (14 * scale)) ** 2 + ((x - 40) / (18 * scale)) ** 2 <= 1
+        st[f][d] = 250
+    st[10][((y - 20) / 15) ** 2 + ((x - 30) / 19) ** 2 <= 1] = 250  # isolated, larger blob
+    return st, disk
+
+
+def test_random_small_model_contract():
+    st = _stack()[0][:6]
+    model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8))
+    a = analyse_stack(st, model, batch_size=4, progress=False)
+    assert isinstance(a, Analysis) and isinstance(a.frame, int) and 1 <= a.frame < 6
+    assert a.mask.shape == st.shape[1:] and a.mask.dtype == np.uint8 and set(np.unique(a.mask)) <= {0, 1}
+    assert a.mask.any()
+    assert a.scores.shape == (6,) and a.scores.dtype == np.float32 and np.isnan(a.scores[0])
+    assert np.isfinite(a.scores[1:]).all()
+    assert a.good.shape == (6,) and a.good.dtype == bool and not a.good[0]
+    assert {"signal", "model", "select", "mask", "total"} <= a.timings.keys()
+
+
+def test_selection_and_native_mask_with_transparent_model():
+    st, disk = _stack()
+    a = analyse_stack(st, BrightIsAbdomen(temporal_window=1), batch_size=5, progress=False)
+    assert a.frame == 6  # best of the supported run beats the isolated larger blob
+    dice = 2 * (a.mask.astype(bool) & disk).sum() / (a.mask.sum() + disk.sum())
+    assert dice > 0.9, dice
+    assert a.good[[5, 6, 7, 10]].all() and not a.good[[1, 2, 3]].any()
+    b = analyse_stack(st, BrightIsAbdomen(temporal_window=0), batch_size=5, progress=False)
+    assert b.frame == 10  # without temporal support the bigger isolated blob wins
+    ell = analyse_stack(st, BrightIsAbdomen(ellipse_mask=True), progress=False)
+    assert ell.mask.any() and ell.mask.dtype == np.uint8
+
+
+def test_fov_restricts_mask_and_none_pass_still_chooses():
+    st, _ = _stack()
+    fov = np.zeros(st.shape[1:], bool)
+    fov[:, :40] = True
+    a = analyse_stack(st, BrightIsAbdomen(temporal_window=1), fov=fov, progress=False)
+    assert a.mask[:, 40:].sum() == 0 and a.mask.any()
+    dim = st.copy()
+    dim[dim > 100] = 90  # nothing bright: no frame passes, one is still chosen, mask non-empty
+    b = analyse_stack(dim, BrightIsAbdomen(), progress=False)
+    assert not b.good.any() and b.frame >= 1 and b.mask.any()
+
+
+def test_no_signal_and_errors():
+    model = BrightIsAbdomen()
+    a = analyse_stack(np.zeros((6, 20, 30), np.uint8), model, progress=False)
+    assert a.frame == -1 and not a.mask.any() and np.isnan(a.scores).all() and not a.good.any()
+    with pytest.raises(ValueError, match="search"):
+        analyse_stack(np.ones((2, 20, 30), np.uint8), model, search="warp", progress=False)
+    with pytest.raises(ValueError, match="cannot produce"):
+        analyse_stack(np.ones((2, 20, 30), np.uint8),
+                      build_model(ModelConfig(backbone="fetalclip-small", heads=("cls",))), progress=False)
+    with pytest.raises(ValueError, match="fov shape"):
+        analyse_stack(np.ones((2, 20, 30), np.uint8), model, fov=np.ones((3, 3), bool), progress=False)
+
+
+def test_cls_selection_uses_cls_head():
+    model = build_model(ModelConfig(backbone="fetalclip-small", heads=("seg", "cls"), decoder_width=8,
+                                    select_by="cls"))
+    st = _stack()[0][:6]
+    a = analyse_stack(st, model, progress=False)
+    probs = a.scores
+    assert np.all((probs[1:] >= 0) & (probs[1:] <= 1)) and a.frame == int(np.nanargmax(probs))
+    assert np.array_equal(a.good[1:], probs[1:] >= 0.5) and a.mask.any()

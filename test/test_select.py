@@ -1,0 +1,78 @@
+"""Frame statistics, decision, per-case selection and chosen-frame mask (hand-made cases)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fetaliqa.postprocess import ellipse_mask, final_mask, largest_component
+from fetaliqa.select import choose_frame, frame_stats, seg_scores, sweep_length, temporal_support
+
+
+def test_frame_stats_by_hand():
+    p = torch.zeros(2, 10, 10)
+    p[0, :2, :5] = 0.9  # 10 pixels of 100
+    p[0, 5, 5] = 0.4    # below threshold
+    st = frame_stats(p, 0.5)
+    assert np.allclose(st["area"].numpy(), [0.1, 0.0])
+    assert np.allclose(st["mean_fg"].numpy(), [0.9, 0.0])
+    assert np.allclose(st["peak"].numpy(), [0.9, 0.0])
+
+
+def test_sweep_length():
+    assert sweep_length(840) == 140 and sweep_length(12) == 2 and sweep_length(7) == 7
+
+
+def test_temporal_support_stays_in_sweep_and_skips_nan():
+    raw = np.array([1.0, 0.0, np.nan, 3.0, 5.0, 7.0])
+    s = temporal_support(raw, 1, 3)  # sweeps [0,1,2] and [3,4,5]
+    assert np.allclose(s[[0, 1, 3, 4, 5]], [0.5, 0.5, 4.0, 5.0, 6.0]) and np.isnan(s[2])
+
+
+def test_isolated_blob_ranks_below_a_run():
+    area = np.array([0, 0, 0.2, 0, 0, 0.1, 0.15, 0.15, 0.1, 0])
+    mean = np.full(10, 0.9)
+    s = seg_scores(area, mean, window=2, frames_per_sweep=10)
+    assert s.dtype == np.float32
+    assert int(np.argmax(s)) in (6, 7)  # not the lone frame 2 despite its larger area
+    assert int(np.argmax(seg_scores(area, mean, window=0, frames_per_sweep=10))) == 2
+
+
+def test_choose_frame_rules():
+    scores = np.array([np.nan, 0.5, 0.9, 0.2], np.float32)
+    assert choose_frame(scores, np.array([0, 1, 0, 1], bool)) == 1   # best among good
+    assert choose_frame(scores, np.zeros(4, bool)) == 2              # none good: best anyway
+    assert choose_frame(np.full(3, np.nan), np.zeros(3, bool)) == -1  # nothing scored
+    z = np.zeros(3, np.float32)
+    assert choose_frame(z, np.zeros(3, bool), tiebreak=np.array([0.1, 0.4, 0.3])) == 1
+
+
+def test_final_mask_cleanup_and_fan():
+    prob = np.zeros((60, 80), np.float32)
+    prob[10:40, 10:40] = 0.9
+    prob[20:25, 20:25] = 0.1  # hole
+    prob[50:55, 70:75] = 0.9  # small distractor
+    fov = np.ones((60, 80), bool)
+    fov[:, 35:] = False
+    m = final_mask(prob, 0.5, fov)
+    assert m.dtype == np.uint8 and m[22, 22] == 1 and m[52, 72] == 0
+    assert m[:, 35:].sum() == 0 and m.sum() == 30 * 25
+
+
+def test_final_mask_never_empty():
+    prob = np.full((30, 30), 0.05, np.float32)
+    prob[10:14, 10:14] = 0.2
+    m = final_mask(prob, 0.5)
+    assert m.sum() == 16  # region >= half the peak
+    assert final_mask(np.zeros((30, 30), np.float32), 0.5).sum() == 1
+
+
+def test_ellipse_option_fits_and_fills():
+    y, x = np.mgrid[:200, :200]
+    ell = ((y - 100) / 60.0) ** 2 + ((x - 100) / 80.0) ** 2 <= 1
+    jagged = ell.copy()
+    jagged[95:105, 170:181] = False  # notch in the boundary
+    out = ellipse_mask(jagged.astype(np.uint8))
+    dice = 2 * (out.astype(bool) & ell).sum() / (out.sum() + ell.sum())
+    assert dice > 0.98 and out[100, 175] == 1
+    assert largest_component(np.zeros((4, 4), np.uint8)).sum() == 0
