@@ -1,0 +1,237 @@
+"""training/: data reader, splits, frame cache, augmentation, loop, resume, export, DDP, FetalCLIP path.
+
+Tiny release-layout data (6 cases x 6 sweeps x 4 frames of 60x80) written with SimpleITK;
+small model geometry (fetalclip-small, decoder width 4); CPU only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_helpers import write_tiny_release  # noqa: E402
+
+from fetaliqa.model import ModelConfig, load_exported  # noqa: E402
+from fetaliqa.preprocess import masks_to_square, normalize, pad_resize  # noqa: E402
+from training import train as T  # noqa: E402
+from training.augment import AugmentConfig, augment_batch  # noqa: E402
+from training.cache import CacheConfig, FrameCache, build_cache  # noqa: E402
+from training.calibrate import best_area_cut  # noqa: E402
+from training.data import DataError, frame_labels, load_case, read_release  # noqa: E402
+from training.splits import Split, make_split  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--backbone", "fetalclip-small", "--decoder-width", "4", "--num-workers", "0", "--no-progress",
+         "--folds", "3", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny_release(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory) -> FrameCache:
+    return build_cache(read_release(tiny), tmp_path_factory.mktemp("c") / "cache", progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache112(tiny, tmp_path_factory) -> FrameCache:
+    """112x112 frames for the small random-init geometry at --image-size 112 (4x cheaper)."""
+    return build_cache(read_release(tiny), tmp_path_factory.mktemp("c") / "cache112", CacheConfig(size=112),
+                       progress=False)
+
+
+# ----------------------------------------------------------------------------- data and splits
+def test_reader_and_errors(tiny, tmp_path):
+    recs = read_release(tiny)
+    assert [r.uuid for r in recs] == [f"case{i:03d}" for i in range(6)]
+    assert all(len(r.sweeps_with_ac) == 2 for r in recs)
+    stack, mask = load_case(recs[0])
+    assert stack.shape == mask.shape == (24, 60, 80) and stack.dtype == np.uint8
+    bad = write_tiny_release(tmp_path / "bad", n_cases=2)
+    (bad / "masks/stacked_fetal_abdomen/case001.mha").unlink()
+    with pytest.raises(DataError, match="no mask"):
+        read_release(bad)
+    bad2 = write_tiny_release(tmp_path / "bad2", n_cases=2)
+    m = np.full((24, 60, 80), 3, np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(m), str(bad2 / "masks/stacked_fetal_abdomen/case000.mha"))
+    with pytest.raises(DataError, match="unknown labels"):
+        load_case(read_release(bad2)[0])
+
+
+def test_split_groups_subjects(tmp_path):
+    rng = np.random.default_rng(1)
+    subject_of = {f"u{i:03d}": f"s{int(rng.integers(0, 40)):02d}" for i in range(120)}
+    sp = make_split(subject_of, k=5, seed=3, val_fold=1, test_fold=4)
+    assert sorted(u for f in sp.folds for u in f) == sorted(subject_of)
+    fold_of_subject: dict[str, set[int]] = {}
+    for i, f in enumerate(sp.folds):
+        for u in f:
+            fold_of_subject.setdefault(subject_of[u], set()).add(i)
+    assert all(len(v) == 1 for v in fold_of_subject.values())  # no subject in two folds
+    assert max(map(len, sp.folds)) - min(map(len, sp.folds)) <= max(
+        sum(1 for s in subject_of.values() if s == x) for x in set(subject_of.values()))
+    assert not set(sp.train) & (set(sp.val) | set(sp.test)) and not set(sp.val) & set(sp.test)
+    assert make_split(subject_of, 5, 3).folds == sp.folds and make_split(subject_of, 5, 4).folds != sp.folds
+    sp.save(tmp_path / "split.json")
+    back = Split.load(tmp_path / "split.json")
+    assert back.folds == sp.folds and back.train == sp.train and back.test == sp.test
+
+
+# ----------------------------------------------------------------------------- cache
+def test_cache_matches_direct_computation_and_rebuilds_only_on_change(tiny, tmp_path):
+    recs = read_release(tiny)
+    root = tmp_path / "cache"
+    c = build_cache(recs, root, CacheConfig(selection="published"), progress=False)
+    assert len(c) == sum(len(r.sweeps_with_ac) * 4 for r in recs)
+    for r in (recs[0], recs[3]):
+        stack, mask = load_case(r)
+        rows = c.rows_of([r.uuid])
+        idx = c.index["frame"][rows]
+        assert sorted(set(idx // 4)) == r.sweeps_with_ac and list(c.index["sweep"][rows]) == list(idx // 4)
+        want = pad_resize(torch.from_numpy(stack[idx])).round().clamp(0, 255).to(torch.uint8).numpy()
+        np.testing.assert_array_equal(c.frames[rows], want)
+        np.testing.assert_array_equal(c.masks[rows], masks_to_square(torch.from_numpy(mask[idx])).numpy())
+        np.testing.assert_array_equal(c.index["label"][rows], frame_labels(mask[idx]))
+    assert c.binary_labels("any").sum() == (c.index["label"] > 0).sum() > c.binary_labels("optimal").sum() > 0
+    stamp = (root / "frames.npy").stat().st_mtime_ns
+    build_cache(recs, root, CacheConfig(selection="published"), progress=False)
+    assert (root / "frames.npy").stat().st_mtime_ns == stamp  # same inputs: reused
+    os.utime(recs[2].mask, ns=(1, 1))  # an input changed: rebuilt
+    build_cache(recs, root, CacheConfig(selection="published"), progress=False)
+    assert (root / "frames.npy").stat().st_mtime_ns != stamp
+    whole = build_cache(recs, root, CacheConfig(selection="all"), progress=False)  # config changed
+    assert len(whole) == 6 * 24
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_augmentation_keeps_frame_and_mask_aligned():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    masks = torch.stack([((yy - 100 - 5 * i) ** 2 / 40 ** 2 + (xx - 120) ** 2 / 60 ** 2 <= 1) for i in range(6)])
+    masks = masks.to(torch.uint8)
+    frames = 50.0 + 150.0 * masks
+    geo = AugmentConfig(p_affine=1.0, p_intensity=0, p_noise=0, p_blur=0)
+    f2, m2 = augment_batch(frames, masks, geo, g)
+    assert m2.dtype == torch.uint8 and (m2 != masks).any()  # something moved
+    for a, b in zip(f2 > 125, m2 > 0):
+        iou = (a & b).sum() / (a | b).sum()
+        assert iou > 0.95
+    f3, m3 = augment_batch(frames, masks, AugmentConfig(), torch.Generator().manual_seed(1))  # full pipeline
+    assert f3.min() >= 0 and f3.max() <= 255 and set(m3.unique().tolist()) <= {0, 1}
+    assert (f3[m3 == 1].mean() > f3[(m3 == 0) & (f3 > 0)].mean() + 50)
+
+
+def test_area_cut_is_exact():
+    counts = np.array([0, 5, 10, 10, 40, 60, 0, 70], float)
+    labels = np.array([0, 0, 1, 0, 1, 1, 0, 1], bool)
+    f1, area = best_area_cut(counts, labels)
+    # cut at >= 10 keeps 5 frames with 4 positives: F1 = 8 / 9; midway to the next smaller count
+    assert f1 == pytest.approx(8 / 9) and area == 7.5
+
+
+# ----------------------------------------------------------------------------- loop
+def test_few_steps_lower_the_loss(cache112):
+    cache = cache112
+    torch.manual_seed(0)
+    args = T.parse_args(["--cache", str(cache.root), "--out", "x", "--encoder", "full", "--image-size", "112", *SMALL])
+    model = T.make_model(args)
+    rows = np.flatnonzero(cache.binary_labels())[:2]
+    x = normalize(torch.from_numpy(np.asarray(cache.frames[rows])).float())
+    seg_t, cls_t = T.targets(torch.from_numpy(np.asarray(cache.masks[rows])),
+                             torch.from_numpy(cache.index["label"][rows].astype(np.int64)), "any")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(4):
+        loss = T.compute_loss(model(x), seg_t, cls_t, "dice_bce")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.02, losses
+
+
+def _steps(out: Path) -> list[tuple]:
+    rows = map(json.loads, (out / "steps.jsonl").read_text().splitlines())
+    return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in rows]
+
+
+RUN = ["--image-size", "112", "--encoder", "full", "--epochs", "2", "--batch-size", "4", "--neg-ratio", "0",
+       "--label-policy", "optimal", "--val-max-frames", "4", "--case-check", "0", "--lr", "1e-3", "--loss", "dice_bce"]
+
+
+def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path):
+    cache = cache112
+    common = ["--data", str(tiny), "--cache", str(cache.root), *SMALL, *RUN]
+    assert T.main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert T.main([*common, "--out", str(tmp_path / "b"), "--max-steps", "3", "--no-export"]) == 0
+    assert len(_steps(tmp_path / "b")) == 3 and not (tmp_path / "b/model").exists()
+    assert T.main([*common, "--out", str(tmp_path / "b"), "--resume", "--no-export"]) == 0
+    a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
+    assert len(a) == 4 and a == b  # same losses and learning rates, bit for bit
+    # export -> load -> same predictions as the best checkpoint in memory
+    args = T.parse_args([*common, "--out", str(tmp_path / "a")])
+    model = T.make_model(args)
+    T.load_trainable_state(model, torch.load(tmp_path / "a/best.pt", weights_only=False)["model"])
+    model.eval()
+    exported = load_exported(tmp_path / "a/model")
+    x = normalize(torch.from_numpy(np.array(cache.frames[:3])).float())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x)["seg"], model(x)["seg"], atol=1e-5, rtol=0)
+    meta = json.loads((tmp_path / "a/model/model.json").read_text())
+    cal = json.loads((tmp_path / "a/calibration.json").read_text())
+    assert meta["config"]["pixel_threshold"] == cal["pixel_threshold"]
+    assert meta["config"]["area_threshold"] == cal["area_threshold"]
+    prov = meta["provenance"]
+    assert prov["training"]["encoder"] == "full" and prov["split"]["val_cases"] == 2
+    assert (tmp_path / "a/model.tar.gz").stat().st_size > 0 and (tmp_path / "a/epochs.csv").exists()
+
+
+def test_torchrun_two_processes(cache112, tmp_path):
+    cache = cache112
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.train", "--cache", str(cache.root), "--out", str(out), *SMALL, *RUN,
+           "--max-steps", "2", "--no-export"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [s[0] for s in _steps(out)] == [1, 2]
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert len(ck["rng"]) == 2 and ck["step"] == 2
+
+
+def test_fetalclip_checkpoint_path_lora(tiny, cache, tmp_path):
+    """The real path's arguments (--weights, LoRA r=8/alpha=16) with a random checkpoint in
+    FetalCLIP's key format (module./visual. prefixes, text keys, state_dict wrapper)."""
+    from fetaliqa.model.backbone import build_vision_tower
+    torch.manual_seed(5)
+    visual = build_vision_tower(ModelConfig(backbone="fetalclip-small")).state_dict()
+    ckpt = {"state_dict": {**{f"module.visual.{k}": v for k, v in visual.items()},
+                           "module.logit_scale": torch.tensor(4.6), "module.token_embedding.weight": torch.zeros(3, 2)}}
+    torch.save(ckpt, tmp_path / "FetalCLIP_weights.pt")
+    out = tmp_path / "lora"
+    assert T.main(["--data", str(tiny), "--cache", str(cache.root), *SMALL, "--weights",
+                   str(tmp_path / "FetalCLIP_weights.pt"), "--epochs", "1", "--batch-size", "8",
+                   "--neg-ratio", "0", "--val-max-frames", "4", "--case-check", "1", "--out", str(out)]) == 0
+    args = json.loads((out / "args.json").read_text())
+    assert (args["encoder"], args["lora_r"], args["lora_alpha"], args["lr"]) == ("lora", 8, 16, 3e-4)
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert any("lora_B" in k for k in ck["model"]) and not any(k.endswith("conv1.weight") for k in ck["model"])
+    assert len(_steps(out)) == 2
+    # merged export: base weights + trained adapters; the frozen patch embedding is the file's
+    m = load_exported(out / "model")
+    torch.testing.assert_close(m.encoder.conv1.weight, visual["conv1.weight"])
+    lora_b = [v for k, v in ck["model"].items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in lora_b)  # adapters trained
+    cal = json.loads((out / "calibration.json").read_text())
+    assert set(cal["case_check"]) == {"published", "calibrated"}

@@ -1,0 +1,111 @@
+"""Threshold calibration on the validation split and a per-case challenge-score check.
+
+A SEG frame is "good" when at least `area_threshold` of its S x S pixels have probability
+above `pixel_threshold` (published: 0.5 and 1 %, set by hand). Here both are chosen to
+maximise frame-level F1 on the validation frames: for each pixel threshold of a grid the
+best area cut is found exactly (frames sorted by foreground area); the area threshold is
+put midway between the chosen cut and the next smaller observed area, for margin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+PIXEL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+PUBLISHED = {"pixel_threshold": 0.5, "area_threshold": 0.01}
+
+
+def frame_f1_table(pred: np.ndarray, labels: np.ndarray) -> dict:
+    """Frame-level F1/precision/recall of boolean decisions (prefix val_)."""
+    pred, labels = np.asarray(pred, bool), np.asarray(labels, bool)
+    tp = int((pred & labels).sum())
+    fp, fn = int((pred & ~labels).sum()), int((~pred & labels).sum())
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"val_f1": f1, "val_precision": prec, "val_recall": rec}
+
+
+def best_area_cut(counts: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(best F1, area threshold in pixels) for "good = count >= threshold", threshold >= 1."""
+    labels = np.asarray(labels, bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return 0.0, float(max(1, counts.max() + 1))
+    order = np.argsort(-counts, kind="stable")
+    c, lab = counts[order], labels[order]
+    tp, fp = np.cumsum(lab), np.cumsum(~lab)
+    last = np.r_[c[1:] != c[:-1], True] & (c >= 1)  # cut after the last frame of each distinct count
+    if not last.any():
+        return 0.0, 1.0
+    idx = np.flatnonzero(last)
+    f1 = 2 * tp[idx] / (tp[idx] + fp[idx] + n_pos)
+    j = int(np.argmax(f1))
+    cut = float(c[idx[j]])
+    below = c[idx[j] + 1] if idx[j] + 1 < len(c) else 0.0
+    return float(f1[j]), max(1.0, (cut + float(below)) / 2) if below < cut else cut
+
+
+def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> dict:
+    """counts (N, len(PIXEL_GRID)): pixels above each grid threshold per frame; labels (N,).
+    -> {"pixel_threshold", "area_threshold" (fraction of size^2), "f1", "grid": per threshold}."""
+    grid = []
+    for t, col in zip(PIXEL_GRID, np.asarray(counts).T):
+        f1, area = best_area_cut(col.astype(np.float64), labels)
+        grid.append({"pixel_threshold": t, "f1": f1, "area_threshold": area / size ** 2})
+    best = max(grid, key=lambda g: (round(g["f1"], 6), -abs(g["pixel_threshold"] - 0.5)))
+    return {**best, "grid": grid}
+
+
+def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, batch_size: int, amp,
+                    policy: str, progress: bool = True) -> dict:
+    """Calibrate on cache rows; report frame metrics (fetaliqa.metrics) at the published and
+    the calibrated thresholds."""
+    from fetaliqa.metrics import frame_metrics
+
+    from .train import predict_rows
+
+    pred = predict_rows(model, cache, rows, device=device, batch_size=batch_size, amp=amp, policy=policy,
+                        progress=progress)
+    if pred["counts"] is None:  # CLS-only model: nothing to calibrate on masks
+        return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
+                "f1": float("nan"), "frames": int(len(rows))}
+    cal = calibrate_thresholds(pred["counts"], pred["labels"], cache.size)
+    out = {**cal, "frames": int(len(rows)), "positives": int(pred["labels"].sum())}
+    for name, th in (("published", PUBLISHED), ("calibrated", cal)):
+        t_idx = PIXEL_GRID.index(th["pixel_threshold"])
+        area = pred["counts"][:, t_idx] / cache.size ** 2
+        m = frame_metrics(area, pred["labels"].astype(np.uint8), th["area_threshold"])
+        out[name] = {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating))}
+        out[name]["dice"] = float(pred["dice_by_pixel_threshold"][t_idx])
+    return out
+
+
+def case_check(model: torch.nn.Module, records: list, cal: dict, *, device, progress: bool = True) -> dict:
+    """Whole validation cases through fetaliqa.pipeline.analyse_stack, scored with the
+    challenge metrics, at the published and the calibrated thresholds."""
+    from fetaliqa.metrics import aggregate, score_case
+    from fetaliqa.pipeline import analyse_stack
+
+    from .data import load_case
+
+    base = model.config
+    results = {}
+    for name, th in (("published", PUBLISHED), ("calibrated", cal)):
+        model.config = dataclasses.replace(base, pixel_threshold=th["pixel_threshold"],
+                                           area_threshold=th["area_threshold"])
+        scores, t0 = [], time.time()
+        for rec in tqdm(records, desc=f"case check ({name})", disable=not progress, leave=False):
+            stack, gt = load_case(rec)
+            a = analyse_stack(stack, model, device=str(device), progress=False)
+            scores.append(score_case(gt, list(rec.ac_mm), a.frame, a.mask, frames_per_sweep=stack.shape[0] // 6))
+        agg = aggregate(scores)
+        results[name] = {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")}
+        results[name]["cases"], results[name]["seconds"] = len(records), round(time.time() - t0, 1)
+    model.config = dataclasses.replace(base, pixel_threshold=cal["pixel_threshold"],
+                                       area_threshold=cal["area_threshold"])
+    return results

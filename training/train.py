@@ -1,0 +1,699 @@
+"""Train FetalCLIP-SEG / -CLS on the ACOUSLIC-AI release layout (or simulated sweeps).
+
+    python -m training.train --data DIR --out runs/x                       # published recipe
+    python -m training.train --backbone FetalCLIP --weights FetalCLIP_weights.pt --data DIR --out runs/x
+    torchrun --nproc_per_node 4 -m training.train ...                     # DDP, same arguments
+
+One code path: release layout -> frame cache (training/cache.py) -> subject-grouped split
+(training/splits.py, written to OUT/split.json) -> per-epoch sampling (all positives plus
+`--neg-ratio` x as many negatives, seeded) -> online augmentation on the device ->
+AdamW, warmup + cosine, mixed precision where the hardware has it, gradient accumulation
+-> validation each epoch (loss, frame F1 over a threshold grid, Dice) -> best checkpoint ->
+threshold calibration -> export of the deployable model (OUT/model + OUT/model.tar.gz).
+
+OUT holds: args.json, split.json, steps.jsonl/.csv (per optimiser step), epochs.jsonl/.csv,
+last.pt (exact resume: model, optimiser, scheduler, scaler, RNG states, epoch/step),
+best.pt, calibration.json, model/, model.tar.gz.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from fetaliqa.model import LoraSettings, ModelConfig, build_model, export_model
+from fetaliqa.preprocess import normalize
+
+from .augment import AugmentConfig, augment_batch
+from .cache import CacheConfig, FrameCache, build_cache
+from .calibrate import PIXEL_GRID, calibrate_thresholds, frame_f1_table
+from .splits import Split, make_split
+
+# Presets fill defaults; explicit arguments still win.
+PRESETS: dict[str, dict] = {
+    # The published recipe on the real data (FetalCLIP-SEG, LoRA, soft Dice, AdamW 3e-4, 5 x 32).
+    "published": {},
+    # The embedded default: small geometry, encoder trained from scratch on simulated sweeps.
+    "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=16,
+                        batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
+                        val_max_frames=600, val_every=2, case_check=2, num_workers=0, select_metric="f1"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="published")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", type=Path, help="release-layout folder (images/, masks/, circumferences/)")
+    d.add_argument("--cache", type=Path, help="frame cache folder (default DATA/.fetaliqa_cache/SELECTION-SIZE); "
+                                              "without --data an existing cache is used as is")
+    d.add_argument("--selection", choices=["published", "all"], default="published",
+                   help="published: sweeps with a reference AC; all: whole stacks")
+    d.add_argument("--label-policy", choices=["any", "optimal"], default="any",
+                   help="positive frame/pixel: any annotation (published) or optimal only")
+    d.add_argument("--neg-ratio", type=float, default=-1.0,
+                   help="negatives per positive sampled each epoch (<0: all negatives, as published)")
+    d.add_argument("--folds", type=int, default=5)
+    d.add_argument("--val-fold", type=int, default=0)
+    d.add_argument("--test-fold", type=int, default=None, help="fold held out from training and validation")
+    d.add_argument("--val-max-frames", type=int, default=0, help="validate on a seeded random subset (0: all)")
+    d.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    d.add_argument("--no-augment", action="store_true")
+    d.add_argument("--num-workers", type=int, default=2)
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default="FetalCLIP", help="open_clip geometry: FetalCLIP or fetalclip-small")
+    m.add_argument("--weights", type=Path, help="FetalCLIP checkpoint (FetalCLIP_weights.pt); none = random init")
+    m.add_argument("--heads", default="seg", help="seg, cls or seg,cls")
+    m.add_argument("--encoder", choices=["frozen", "lora", "full"], default="lora",
+                   help="frozen: encoder under no_grad (the published SEG behaviour); lora: peft adapters; "
+                        "full: every encoder weight trains (small random-init backbones)")
+    m.add_argument("--lora-r", type=int, default=8)
+    m.add_argument("--lora-alpha", type=int, default=16)
+    m.add_argument("--lora-dropout", type=float, default=0.1)
+    m.add_argument("--decoder-width", type=int, default=32)
+    m.add_argument("--image-size", type=int, default=0,
+                   help="model input side (0: the backbone's, 224); another size (e.g. 112, a multiple of 16 "
+                        "and the patch size) rebuilds the geometry for random-init backbones: 4x cheaper at 112")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--loss", choices=["dice", "dice_bce"], default="dice", help="SEG loss (CLS: BCE)")
+    o.add_argument("--epochs", type=int, default=5)
+    o.add_argument("--batch-size", type=int, default=32, help="frames per micro-batch per process")
+    o.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step")
+    o.add_argument("--lr", type=float, default=3e-4)
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of all optimiser steps")
+    o.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    o.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
+                   help="auto: bf16 on CUDA with native bf16, else fp16 + GradScaler on CUDA, fp32 on CPU")
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default="auto")
+    o.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: torch's default). On a shared or small CPU, "
+                        "1 thread per process (and torchrun for more cores) avoids OpenMP stalls")
+    o.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) after this many optimiser steps")
+    o.add_argument("--select-metric", choices=["f1", "loss", "dice"], default="f1",
+                   help="best checkpoint: validation F1 over the threshold grid, validation loss or Dice")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    r.add_argument("--ckpt-every", type=int, default=200, help="optimiser steps between last.pt saves")
+    r.add_argument("--no-export", action="store_true")
+    r.add_argument("--export-to", type=Path, help="also write the exported model here (e.g. resources/model)")
+    r.add_argument("--case-check", type=int, default=4,
+                   help="validation cases scored end to end with the challenge metrics after calibration "
+                        "(needs --data; 0: skip)")
+    r.add_argument("--provenance", default="{}", help="JSON object merged into the exported provenance")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[pre.preset])
+    args = parser.parse_args(argv)
+    if args.data is None and args.cache is None:
+        parser.error("give --data (release layout) or --cache (an existing frame cache)")
+    return args
+
+
+# ----------------------------------------------------------------------------- runtime
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed 224x224 inputs
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def amp_settings(device: torch.device, mode: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None, False
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if mode == "bf16":
+        return torch.bfloat16, False
+    if device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp off (or bf16 where the CPU has it)")
+    return torch.float16, True
+
+
+def json_safe(obj):
+    """nan/inf -> None (strict JSON, as export_model requires), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
+    # "full" trains every encoder weight: the encoder forward must keep its graph, which
+    # ModelConfig's "lora" mode does; build_model(adapters=False) then injects no adapters.
+    mode = "frozen" if args.encoder == "frozen" else "lora"
+    cfg = ModelConfig(backbone=args.backbone, heads=heads, decoder_width=args.decoder_width, encoder_mode=mode,
+                      lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
+    if args.image_size and args.image_size != cfg.image_size:
+        if args.weights is not None:
+            raise ValueError(f"--image-size {args.image_size}: pretrained {args.backbone} weights are for "
+                             f"{cfg.image_size}x{cfg.image_size} inputs; drop --image-size")
+        geo = json.loads(json.dumps(cfg.open_clip_config()))  # a copy: the registry stays untouched
+        geo["vision_cfg"]["image_size"] = args.image_size
+        cfg = dataclasses.replace(cfg, image_size=args.image_size, geometry=geo)
+    return cfg
+
+
+def make_model(args: argparse.Namespace) -> torch.nn.Module:
+    cfg = model_config(args)
+    model = build_model(cfg, weights=args.weights, adapters=args.encoder == "lora")
+    if args.encoder == "full":
+        # Only what the heads use trains: the SEG path stops at the deepest tap, so the later
+        # blocks, ln_post and proj get no gradient (DDP would wait for them forever).
+        last = max(cfg.taps) if "cls" not in cfg.heads else None
+        for name, p in model.encoder.named_parameters():
+            block = name.split(".")[2] if name.startswith("transformer.resblocks.") else None
+            unused = last is not None and (name == "proj" or name.startswith("ln_post.")
+                                           or (block is not None and int(block) >= last))
+            p.requires_grad = not unused
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+class CacheDataset(Dataset):
+    """Rows of a frame cache -> (frame uint8 (S, S), label mask uint8 (S, S), frame label)."""
+
+    def __init__(self, root: Path, rows: np.ndarray):
+        self.root, self.rows, self._cache = root, rows, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        if self._cache is None:  # opened lazily: each DataLoader worker maps the files itself
+            self._cache = FrameCache(self.root)
+        r = int(self.rows[i])
+        c = self._cache
+        return torch.from_numpy(np.array(c.frames[r])), torch.from_numpy(np.array(c.masks[r])), int(c.index["label"][r])
+
+
+def epoch_rows(pos: np.ndarray, neg: np.ndarray, neg_ratio: float, seed: int, epoch: int) -> np.ndarray:
+    """This epoch's training rows: every positive plus neg_ratio x as many negatives
+    (all negatives when neg_ratio < 0), shuffled; a pure function of (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    if neg_ratio >= 0:
+        neg = rng.choice(neg, size=min(len(neg), int(round(neg_ratio * max(len(pos), 1)))), replace=False)
+    rows = np.concatenate([pos, neg])
+    rng.shuffle(rows)
+    return rows
+
+
+def targets(label_masks: torch.Tensor, labels: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label masks (B, S, S) {0,1,2} and frame labels -> (seg target float (B, 1, S, S), cls target float (B,))."""
+    if policy == "optimal":
+        return (label_masks == 1).float()[:, None], (labels == 1).float()
+    return (label_masks > 0).float()[:, None], (labels > 0).float()
+
+
+# ----------------------------------------------------------------------------- losses
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice over the whole batch (published: per batch, from logits)."""
+    p = torch.sigmoid(logits.float())
+    inter = (p * target).sum()
+    return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
+
+
+def compute_loss(out: dict[str, torch.Tensor], seg_t: torch.Tensor, cls_t: torch.Tensor, kind: str) -> torch.Tensor:
+    loss = torch.zeros((), device=seg_t.device)
+    if "seg" in out:
+        loss = loss + soft_dice_loss(out["seg"], seg_t)
+        if kind == "dice_bce":
+            loss = loss + F.binary_cross_entropy_with_logits(out["seg"].float(), seg_t)
+    if "cls" in out:
+        loss = loss + F.binary_cross_entropy_with_logits(out["cls"].float(), cls_t)
+    return loss
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *, device: torch.device,
+                 batch_size: int, amp: torch.dtype | None, policy: str, progress: bool = False) -> dict:
+    """Run the model over cache rows without augmentation. Returns per-frame arrays:
+    counts (N, len(PIXEL_GRID)) pixels above each grid threshold, cls_prob (N,) or None,
+    labels (N,) bool, plus the mean loss and Dice statistics at each pixel threshold."""
+    model.eval()
+    cfg = model.config
+    counts, probs, labels, losses = [], [], [], []
+    grid = torch.tensor(PIXEL_GRID, device=device)
+    inter = torch.zeros(len(PIXEL_GRID), dtype=torch.float64, device=device)
+    psum, tsum = torch.zeros_like(inter), torch.zeros((), dtype=torch.float64, device=device)
+    for s in tqdm(range(0, len(rows), batch_size), desc="validate", disable=not progress, leave=False):
+        r = np.sort(rows[s:s + batch_size])  # sorted rows read the memmap sequentially
+        fr = torch.from_numpy(np.asarray(cache.frames[r])).to(device)
+        lm = torch.from_numpy(np.asarray(cache.masks[r])).to(device)
+        lab = torch.from_numpy(cache.index["label"][r].astype(np.int64)).to(device)
+        seg_t, cls_t = targets(lm, lab, policy)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            out = model(normalize(fr.float(), cfg.mean, cfg.std))
+        losses.append(float(compute_loss(out, seg_t, cls_t, "dice")) * len(r))
+        if "seg" in out:
+            p = torch.sigmoid(out["seg"].float())[:, 0]
+            above = p[:, None] > grid[None, :, None, None]  # (B, T, S, S)
+            counts.append(above.sum((2, 3)).cpu())
+            inter += (above * seg_t).sum((0, 2, 3)).double()
+            psum += above.sum((0, 2, 3)).double()
+            tsum += seg_t.sum().double()
+        if "cls" in out:
+            probs.append(torch.sigmoid(out["cls"].float()).cpu())
+        labels.append(cls_t.bool().cpu())
+    model.train()
+    dice = ((2 * inter) / (psum + tsum).clamp_min(1)).cpu().numpy()
+    return {"counts": torch.cat(counts).numpy() if counts else None,
+            "cls_prob": torch.cat(probs).numpy() if probs else None,
+            "labels": torch.cat(labels).numpy() if labels else np.zeros(0, bool),
+            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice}
+
+
+def summarise_validation(pred: dict, cfg: ModelConfig, size: int) -> dict:
+    """Epoch figures: loss, Dice and F1 at the configured thresholds, best F1 over the grid."""
+    out = {"val_loss": pred["loss"]}
+    if pred["counts"] is not None:
+        t_idx = int(np.argmin(np.abs(np.asarray(PIXEL_GRID) - cfg.pixel_threshold)))
+        area = pred["counts"][:, t_idx] / size ** 2
+        out.update(frame_f1_table(area >= cfg.area_threshold, pred["labels"]))
+        out["val_dice"] = float(pred["dice_by_pixel_threshold"][t_idx])
+        best = calibrate_thresholds(pred["counts"], pred["labels"], size)
+        out["val_f1_best"], out["best_pixel_threshold"], out["best_area_threshold"] = (
+            best["f1"], best["pixel_threshold"], best["area_threshold"])
+    if pred["cls_prob"] is not None:
+        cls = frame_f1_table(pred["cls_prob"] >= cfg.cls_threshold, pred["labels"])
+        out.update({f"cls_{k}": v for k, v in cls.items()})
+    return out
+
+
+def selection_value(summary: dict, metric: str) -> float:
+    """Larger is better."""
+    if metric == "loss":
+        return -summary["val_loss"]
+    if metric == "dice":
+        return summary.get("val_dice", -summary["val_loss"])
+    return summary.get("val_f1_best", summary.get("cls_f1", -summary["val_loss"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trained parameters and all buffers: frozen weights come back from --weights."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise ValueError(f"checkpoint does not match the model: unexpected {unexpected[:5]}, "
+                         f"missing trained {sorted(trainable & set(missing))[:5]}")
+
+
+def rng_state(aug_gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "augment": aug_gen.get_state()}
+
+
+def set_rng_state(s: dict, aug_gen: torch.Generator) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    aug_gen.set_state(s["augment"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Log:
+    """Append-only JSONL + CSV pair; on resume entries after the checkpoint are dropped."""
+
+    def __init__(self, out: Path, name: str, keep_until_step: int | None = None):
+        self.jsonl, self.csv = out / f"{name}.jsonl", out / f"{name}.csv"
+        rows = []
+        if keep_until_step is not None and self.jsonl.exists():
+            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r["step"] <= keep_until_step]
+        self.rows = rows
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, keys)
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def add(self, row: dict) -> None:
+        row = json_safe(row)
+        self.rows.append(row)
+        with open(self.jsonl, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if len(self.rows) == 1 or set(row) != set(self.rows[-2]):
+            self._write_csv()
+        else:
+            with open(self.csv, "a", newline="") as fh:
+                csv.DictWriter(fh, list(self.rows[0])).writerow(row)
+
+
+# ----------------------------------------------------------------------------- main
+def prepare_data(args, rank: int, world: int, image_size: int) -> tuple[FrameCache, Split, list]:
+    records = []
+    if args.data is not None:
+        from .data import read_release
+        records = read_release(args.data)
+        cache_dir = args.cache or args.data / ".fetaliqa_cache" / f"{args.selection}-{image_size}"
+        if rank == 0:
+            build_cache(records, cache_dir, CacheConfig(size=image_size, selection=args.selection),
+                        progress=args.progress)
+        if world > 1:
+            dist.barrier()
+        cache = FrameCache(cache_dir)
+    else:
+        cache = FrameCache(args.cache)
+    if cache.size != image_size:
+        raise ValueError(f"frame cache {cache.root} holds {cache.size}px frames; the model needs {image_size}")
+    split_path = args.out / "split.json"
+    if args.resume and split_path.exists():
+        split = Split.load(split_path)
+    else:
+        split = make_split({c["uuid"]: c["subject_id"] for c in cache.cases}, args.folds, args.seed,
+                           args.val_fold, args.test_fold)
+        if rank == 0:
+            split.save(split_path)
+    return cache, split, records
+
+
+def run_training(argv: list[str], procs: int = 1) -> int:
+    """main(argv) in this process, or `procs` single-threaded DDP processes via torchrun (CPU)."""
+    if procs <= 1:
+        return main(argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "training.train", *argv, "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    try:
+        return _train(args, rank, world, device, is_main)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    model = make_model(args).to(device)
+    cfg: ModelConfig = model.config
+    cache, split, records = prepare_data(args, rank, world, cfg.image_size)
+    if is_main:
+        (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                        for k, v in vars(args).items()}, indent=1))
+    labels = cache.binary_labels(args.label_policy)
+    train_rows = cache.rows_of(split.train)
+    pos, neg = train_rows[labels[train_rows]], train_rows[~labels[train_rows]]
+    if len(pos) == 0:
+        raise ValueError(f"no positive frames in the training split of {cache.root} (label policy "
+                         f"{args.label_policy!r}); nothing to learn")
+    val_rows = cache.rows_of(split.val)
+    if args.val_max_frames and len(val_rows) > args.val_max_frames:
+        val_rows = np.sort(np.random.default_rng([args.seed, 999]).choice(val_rows, args.val_max_frames, replace=False))
+
+    amp, use_scaler = amp_settings(device, args.amp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # biases and norms: no weight decay
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    n_epoch_rows = len(epoch_rows(pos, neg, args.neg_ratio, args.seed, 0))
+    micro_per_epoch = math.ceil(math.ceil(n_epoch_rows / world) / args.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.accum)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = int(round(args.warmup * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    aug_gen = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)
+    aug_cfg = AugmentConfig()
+
+    start_epoch, start_micro, step, best = 0, 0, 0, -math.inf
+    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    if args.resume and last_path.exists():
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        load_trainable_state(model, ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"], aug_gen)
+        start_epoch, start_micro, step, best = ck["epoch"], ck["micro"], ck["step"], ck["best"]
+        if is_main:
+            print(f"[train] resumed from {last_path} at epoch {start_epoch}, step {step}", file=sys.stderr)
+    elif args.resume and is_main:
+        print(f"[train] --resume: no {last_path}, starting fresh", file=sys.stderr)
+    if is_main:
+        steps_log = Log(args.out, "steps", keep_until_step=step if args.resume else None)
+        epochs_log = Log(args.out, "epochs", keep_until_step=step if args.resume else None)
+        n_tr = sum(p.numel() for p in params)
+        print(f"[train] {cfg.backbone} heads={cfg.heads} encoder={args.encoder} trainable={n_tr:,} "
+              f"device={device} amp={amp} world={world} | train cases {len(split.train)} "
+              f"({len(pos)} pos / {len(neg)} neg frames), val cases {len(split.val)} ({len(val_rows)} frames) | "
+              f"{steps_per_epoch} steps/epoch x {args.epochs}", file=sys.stderr)
+
+    ddp = DistributedDataParallel(model) if world > 1 else None
+    net = ddp or model
+
+    def checkpoint(epoch: int, micro: int) -> None:
+        """Save the exact state after `micro` micro-batches of `epoch` (rank 0 writes)."""
+        rngs = [None] * world
+        mine = rng_state(aug_gen)
+        if world > 1:
+            dist.all_gather_object(rngs, mine)
+        else:
+            rngs = [mine]
+        if is_main:
+            atomic_save({"model": trainable_state(model), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                         "epoch": epoch, "micro": micro, "step": step, "best": best,
+                         "config": cfg.to_dict(), "args": vars(args) | {"out": str(args.out)}}, last_path)
+
+    stop = False
+    t_last = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch)
+        # DistributedSampler (shuffle=False: rows are already shuffled per epoch, seeded) shards
+        # the epoch across processes exactly as the sampler does for any dataset.
+        sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        shard = rows[list(sampler)] if sampler is not None else rows
+        skip = start_micro if epoch == start_epoch else 0
+        loader = DataLoader(CacheDataset(cache.root, shard[skip * args.batch_size:]), batch_size=args.batch_size,
+                            shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False, generator=torch.Generator().manual_seed(epoch))
+        bar = tqdm(total=micro_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not (is_main and args.progress), leave=False)
+        net.train()
+        accum_loss, n_acc = 0.0, 0
+        for micro, (fr, lm, lab) in enumerate(loader, start=skip):
+            fr, lm, lab = fr.to(device, non_blocking=True), lm.to(device, non_blocking=True), lab.to(device)
+            x = fr.float()
+            if not args.no_augment:
+                x, lm = augment_batch(x, lm, aug_cfg, aug_gen)
+            seg_t, cls_t = targets(lm, lab, args.label_policy)
+            last_of_step = (micro + 1) % args.accum == 0 or micro + 1 == micro_per_epoch
+            sync = ddp.no_sync() if (ddp is not None and not last_of_step) else nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    out = net(normalize(x, cfg.mean, cfg.std))
+                loss = compute_loss(out, seg_t, cls_t, args.loss)
+                scaler.scale(loss / args.accum).backward()
+            accum_loss += float(loss.detach())
+            n_acc += 1
+            bar.update(1)
+            if not last_of_step:
+                continue
+            scaler.unscale_(opt)
+            clip = args.grad_clip if args.grad_clip > 0 else float("inf")
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            lr = sched.get_last_lr()[0]
+            sched.step()
+            step += 1
+            loss_v = accum_loss / n_acc
+            if world > 1:
+                t = torch.tensor([loss_v], device=device)
+                dist.all_reduce(t)
+                loss_v = float(t) / world
+            accum_loss, n_acc = 0.0, 0
+            now = time.time()
+            if is_main:
+                steps_log.add({"step": step, "epoch": epoch + 1, "loss": loss_v, "lr": lr, "grad_norm": gnorm,
+                               "seconds": round(now - t_last, 4)})
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
+            t_last = now
+            if args.max_steps and step >= args.max_steps:
+                checkpoint(epoch, micro + 1)
+                stop = True
+                break
+            if args.ckpt_every and step % args.ckpt_every == 0:
+                checkpoint(epoch, micro + 1)
+        bar.close()
+        if stop:
+            break
+        # validation on rank 0 (the whole val split; other ranks wait)
+        if is_main and ((epoch + 1) % max(1, args.val_every) == 0 or epoch + 1 == args.epochs):
+            pred = predict_rows(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
+                                policy=args.label_policy, progress=args.progress)
+            summ = summarise_validation(pred, cfg, cache.size)
+            value = selection_value(summ, args.select_metric)
+            improved = value > best
+            if improved:
+                best = value
+                atomic_save({"model": trainable_state(model), "epoch": epoch + 1, "step": step, "summary": summ,
+                             "config": cfg.to_dict()}, best_path)
+            epochs_log.add({"step": step, "epoch": epoch + 1, **summ, "best": improved})
+            print(f"[train] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in summ.items()
+                                                           if isinstance(v, float)), file=sys.stderr)
+        if world > 1:
+            t = torch.tensor([best], dtype=torch.float64)
+            dist.broadcast(t, 0)
+            best = float(t)
+        checkpoint(epoch + 1, 0)
+    if stop or not is_main:
+        if world > 1:
+            dist.barrier()
+        return 0
+    if not args.no_export:
+        finish(args, model, cache, split, records, device, amp, step)
+    if world > 1:
+        dist.barrier()
+    return 0
+
+
+def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
+    """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
+    from .calibrate import calibrate_model, case_check
+
+    best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
+    load_trainable_state(model, best["model"])
+    model.eval()
+    val_rows = cache.rows_of(split.val)
+    cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
+                          policy=args.label_policy, progress=args.progress)
+    model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
+                                       area_threshold=cal["area_threshold"])
+    checks = {}
+    if args.case_check and records:
+        by_uuid = {r.uuid: r for r in records}
+        cases = [by_uuid[u] for u in split.val[:args.case_check]]
+        checks = case_check(model, cases, cal, device=device, progress=args.progress)
+    calib = {**cal, "case_check": checks}
+    (args.out / "calibration.json").write_text(json.dumps(json_safe(calib), indent=1))
+    provenance = {
+        "data": str(args.data) if args.data else str(args.cache), "cache_fingerprint": cache.meta.get("fingerprint"),
+        "selection": cache.meta.get("config", {}).get("selection"), "label_policy": args.label_policy,
+        "split": {"k": args.folds, "seed": args.seed, "val_fold": args.val_fold, "test_fold": args.test_fold,
+                  "train_cases": len(split.train), "val_cases": len(split.val), "file": "split.json"},
+        "training": {"encoder": args.encoder, "weights": str(args.weights) if args.weights else None,
+                     "epochs": args.epochs, "best_epoch": best["epoch"], "steps": step, "loss": args.loss,
+                     "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "neg_ratio": args.neg_ratio,
+                     "augment": not args.no_augment, "preset": args.preset},
+        "validation": {**{k: v for k, v in best["summary"].items() if isinstance(v, (int, float))},
+                       "calibration": {k: v for k, v in cal.items() if k != "grid"}, "case_check": checks},
+        "git_commit": git_commit(),
+        **json.loads(args.provenance),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    model.to("cpu")
+    outs = [args.out / "model"] + ([args.export_to] if args.export_to else [])
+    for d in outs:
+        export_model(model, d, json_safe(provenance))
+    with tarfile.open(args.out / "model.tar.gz", "w:gz") as tar:  # grand-challenge model upload
+        for f in sorted((args.out / "model").iterdir()):
+            tar.add(f, arcname=f.name)
+    print(f"[train] exported {', '.join(map(str, outs))} and {args.out / 'model.tar.gz'} "
+          f"(pixel_threshold={cal['pixel_threshold']:.2f}, area_threshold={cal['area_threshold']:.4f}, "
+          f"val F1={cal['f1']:.3f})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
