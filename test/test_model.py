@@ -108,6 +108,8 @@ def test_export_load_round_trip_without_peft(tmp_path, monkeypatch):
     m = build_model(ModelConfig(heads=("seg", "cls"), **SMALL)).eval()
     export_model(m, tmp_path, {"data": "sim", "epochs": 0, "commit": "abc"})
     assert is_exported_model(tmp_path) and not is_exported_model(tmp_path / "nowhere")
+    for f in tmp_path.iterdir():  # readable by the container's non-root user
+        assert f.stat().st_mode & 0o044 == 0o044, f
     monkeypatch.setitem(sys.modules, "peft", None)  # loading must not need peft
     m2 = load_exported(tmp_path)
     assert m2.provenance["commit"] == "abc" and m2.config.heads == ("seg", "cls")

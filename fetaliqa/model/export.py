@@ -30,6 +30,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes 0600 files: the container's non-root user could not read a model
+        # exported by root. Give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,7 +103,8 @@ def load_exported(out_dir: Path, device: str | torch.device = "cpu") -> nn.Modul
         sd = load_file(w_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read exported model weights {w_path}: {e}") from e
-    model = build_model(cfg, adapters=False)
+    with torch.device("meta"):  # shapes only: no random init, and the file's tensors become the weights
+        model = build_model(cfg, adapters=False)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -111,6 +117,9 @@ def load_exported(out_dir: Path, device: str | torch.device = "cpu") -> nn.Modul
             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}, "
             f"shape mismatches {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # no second copy (FetalCLIP: 1.2 GB)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the file does not hold
+        model = build_model(cfg, adapters=False)
+        model.load_state_dict(sd, strict=True)
     model.provenance = provenance
     return model.to(device).eval()
