@@ -6,6 +6,17 @@ few statistics (``select.frame_stats``), picks one frame (``select``), and build
 chosen frame's native-resolution mask (``postprocess.final_mask``). ``FrameScorer`` scores
 any list of frame indices and remembers the results, so a coarse-to-fine search can score
 a subset, then refine around the best.
+
+Searches: "exhaustive" scores every frame with signal; "fast" (``fast_search``) scores
+every ``stride``-th frame of each sweep (halving the stride while no frame is good), then
+densely around the best frames of each sweep, then walks until the chosen frame's temporal
+neighbourhood is scored, so its score (which takes support from +-temporal_window
+neighbours) is the one the exhaustive pass gives it.
+Its choice depends only on the statistics of the frames it asked for, so replaying it on
+an exhaustive pass's statistics (``ReplayScorer``) gives the choice a real fast run makes.
+The model runs through ``fetaliqa.model.fuse.inference_view`` (BatchNorm folded, depthwise
+upsampling as one multiply-add; on the CPU also the decoder in channels_last and attention
+through scaled_dot_product_attention), which shares the weights: no copy of the model.
 """
 
 from __future__ import annotations
@@ -19,11 +30,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .model.fuse import inference_view
 from .postprocess import final_mask
 from .preprocess import frames_to_model_input, iter_frame_batches, square_to_native
-from .select import choose_frame, frame_stats, seg_scores, sweep_length
+from .select import choose_frame, coarse_frames, frame_stats, neighbourhood, seg_scores, sweep_candidates, sweep_length
 
-SEARCHES = ("exhaustive",)
+SEARCHES = ("exhaustive", "fast")
+
+
+@dataclass(frozen=True)
+class FastSearch:
+    """Knobs of the coarse-to-fine search (defaults chosen with ``python -m fetaliqa.bench
+    --compare-search``; see docs/bench.md).
+
+    stride: coarse step, in frames with signal, within each sweep; halved (not below
+        min_stride) while no scored frame is good: an abdomen run can fall between coarse
+        frames, and a stack with no abdomen at all should not cost an exhaustive pass.
+    per_sweep: best coarse frames of each sweep refined.
+    radius: frames scored on each side of a refined candidate (None: stride // 2).
+    gate: refine only candidates that are good and score >= gate x the best good score
+        (0, or no good frame at all: refine every sweep's candidates).
+    settle: the chosen frame's +-settle neighbours must be scored before the search stops
+        (None: 2 x temporal_window, at least 1: the chosen frame's score and its
+        neighbours' scores are then exact).
+    """
+
+    stride: int = 8
+    min_stride: int = 4
+    per_sweep: int = 1
+    radius: int | None = None
+    gate: float = 0.01
+    settle: int | None = None
 
 
 @dataclass
@@ -49,6 +86,11 @@ class FrameScorer:
                  batch_size: int = 16, amp: bool = False, progress: bool = True) -> None:
         self.stack, self.model, self.cfg = stack, model, model.config
         self.device = torch.device(device)
+        # layout and attention rewrites measured on the CPU only (fetaliqa.bench): CUDA keeps the
+        # model's own; BN folding and the upsampling rewrite are exact on any device
+        cpu = self.device.type == "cpu"
+        self.net = inference_view(model, channels_last=cpu, sdpa_attention=cpu) if hasattr(model, "decoder") \
+            else model.eval()
         self.batch_size, self.progress = max(1, int(batch_size)), progress
         self.amp = amp and self.device.type == "cuda"  # fp16 autocast only where it pays (T4 has no bf16)
         n = stack.shape[0]
@@ -59,7 +101,7 @@ class FrameScorer:
     def _run(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         x = frames_to_model_input(frames, self.cfg)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            out = self.model(x)
+            out = self.net(x)
         return {k: torch.sigmoid(v.float()) for k, v in out.items()}
 
     def score(self, indices: Sequence[int]) -> None:
@@ -79,6 +121,10 @@ class FrameScorer:
             bar.update(len(idx))
         bar.close()
 
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored.sum())
+
     def scores_and_good(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(scores float32, good bool, tiebreak or None) under the config's selection head."""
         cfg = self.cfg
@@ -94,6 +140,65 @@ class FrameScorer:
         return self._run(frames)["seg"][0, 0].cpu()
 
 
+class ReplayScorer(FrameScorer):
+    """A FrameScorer that answers from another (exhaustive) scorer's statistics instead of
+    running a model: the fast search's choice on it is the choice a real fast run makes,
+    at no model cost. ``scored`` marks the frames the search asked for."""
+
+    def __init__(self, source: FrameScorer, prob_cache: dict[int, torch.Tensor] | None = None) -> None:
+        """prob_cache: chosen-frame probability maps shared between replays of one source."""
+        self.stack, self.model, self.cfg, self.source = source.stack, source.model, source.cfg, source
+        self.prob_cache = {} if prob_cache is None else prob_cache
+        n = len(source.scored)
+        self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
+        self.scored = np.zeros(n, bool)
+
+    def score(self, indices: Sequence[int]) -> None:
+        idx = np.asarray([int(i) for i in indices], int)
+        if not self.source.scored[idx].all():
+            raise ValueError(f"frames {idx[~self.source.scored[idx]][:8].tolist()} were not scored by the source")
+        for k in ("area", "mean_fg", "peak", "cls_prob"):
+            getattr(self, k)[idx] = getattr(self.source, k)[idx]
+        self.scored[idx] = True
+
+    def seg_prob(self, frame: int) -> torch.Tensor:
+        if frame not in self.prob_cache:
+            self.prob_cache[frame] = self.source.seg_prob(frame)
+        return self.prob_cache[frame]
+
+
+def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = FastSearch()) -> None:
+    """Coarse-to-fine: score frames of ``scorer`` until its choice is settled (module docstring).
+    signal: bool (frames,) frames that hold any signal (the others are never scored)."""
+    signal = np.asarray(signal, bool)
+    n, cfg = len(signal), scorer.cfg
+    fps = sweep_length(n)
+    radius = params.stride // 2 if params.radius is None else params.radius
+    settle = max(1, 2 * cfg.temporal_window) if params.settle is None else params.settle
+
+    def score(frames: np.ndarray) -> None:
+        frames = np.asarray(frames, int)
+        scorer.score(frames[signal[frames] & ~scorer.scored[frames]])
+
+    stride = max(1, params.stride)
+    score(coarse_frames(signal, fps, stride))
+    while stride // 2 >= params.min_stride and not np.any(scorer.scores_and_good()[1]):  # nothing good yet
+        stride //= 2
+        score(coarse_frames(signal, fps, stride))
+    cands = sweep_candidates(*scorer.scores_and_good(), fps, params.per_sweep, params.gate)
+    if cands:
+        score(np.unique(np.concatenate([neighbourhood(c, radius, fps, n) for c in cands])))
+    while True:  # settle: each pass scores at least one new frame, so this ends
+        frame = choose_frame(*scorer.scores_and_good())
+        if frame < 0:
+            return
+        near = neighbourhood(frame, settle, fps, n)
+        near = near[signal[near] & ~scorer.scored[near]]
+        if not len(near):
+            return
+        score(near)
+
+
 def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 16,
                   amp: bool = False, fov: np.ndarray | None = None,
                   search: str = "exhaustive", progress: bool = True) -> Analysis:
@@ -103,7 +208,8 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
     model: a FetalIQAModel with a SEG head (``load_exported``); moved to ``device``, eval mode.
     amp: fp16 autocast on CUDA (ignored on CPU). fov: bool (rows, cols) fan mask restricting
     the output mask; None -> pixels non-zero in any frame of the stack.
-    search: "exhaustive" scores every frame that holds any signal.
+    search: "exhaustive" scores every frame that holds any signal; "fast" the coarse-to-fine
+    search (``fast_search`` with ``FastSearch()``), typically a fifth of the frames.
     A model without a SEG head (FetalCLIP-CLS alone) cannot produce the required mask:
     ValueError.
     """
@@ -128,13 +234,26 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
 
     t = time.perf_counter()
     scorer = FrameScorer(stack, model, device=device, batch_size=batch_size, amp=amp, progress=progress)
-    scorer.score(np.flatnonzero(signal))
+    if search == "fast":
+        fast_search(scorer, signal)
+    else:
+        scorer.score(np.flatnonzero(signal))
     timings["model"] = time.perf_counter() - t
 
+    analysis = conclude(scorer, fov)
+    analysis.timings = {**timings, **analysis.timings, "total": time.perf_counter() - t0}
+    return analysis
+
+
+def conclude(scorer: FrameScorer, fov: np.ndarray | None = None) -> Analysis:
+    """The Analysis of whatever ``scorer`` has scored: choose the frame, build its mask on the
+    native grid (timings "select" and "mask"). fov as in ``analyse_stack``."""
+    stack, cfg = scorer.stack, scorer.cfg
+    rows, cols = stack.shape[1:]
     t = time.perf_counter()
     scores, good, tiebreak = scorer.scores_and_good()
     frame = choose_frame(scores, good, tiebreak)
-    timings["select"] = time.perf_counter() - t
+    timings = {"select": time.perf_counter() - t}
 
     t = time.perf_counter()
     mask = np.zeros((rows, cols), np.uint8)
@@ -145,6 +264,5 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
         if not mask.any():  # fan has no pixel at all: fall back to the frame's non-zero pixels
             mask = final_mask(prob, cfg.pixel_threshold, stack[frame] > 0, ellipse=cfg.ellipse_mask)
     timings["mask"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
     return Analysis(frame=frame, mask=mask, scores=scores.astype(np.float32), good=good.astype(bool),
                     timings=timings)

@@ -1,0 +1,202 @@
+"""Fast path: the coarse-to-fine search picks the exhaustive pass's frame when the signal is
+clear while scoring a fraction of the frames, replaying it on cached statistics equals a real
+run, BatchNorm folding keeps the model's outputs, and streaming never holds a full-stack
+float array (torch or numpy)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fetaliqa.model import ModelConfig, build_model
+from fetaliqa.model.fuse import fold_batchnorm, inference_view, quantize_encoder_linears
+from fetaliqa.pipeline import FastSearch, FrameScorer, ReplayScorer, analyse_stack, fast_search
+from fetaliqa.select import choose_frame, coarse_frames, neighbourhood, sweep_candidates
+
+torch.set_num_threads(2)
+FPS, ROWS, COLS = 40, 48, 64  # 6 sweeps x 40 frames
+
+
+class BrightIsAbdomen(nn.Module):
+    """SEG logits rise with intensity: the bright disks drawn below are the foreground, so the
+    per-frame response is known in advance. Records the largest batch it was given."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.config = ModelConfig(backbone="fetalclip-small", heads=("seg",), **kw)
+        self.max_batch = 0
+
+    def forward(self, x):
+        self.max_batch = max(self.max_batch, x.shape[0])
+        return {"seg": (x[:, :1] - 0.1) * 20}
+
+
+def _disk(scale: float, cy: float = 24, cx: float = 32) -> np.ndarray:
+    y, x = np.mgrid[:ROWS, :COLS]
+    return ((y - cy) / (14 * scale)) ** 2 + ((x - cx) / (18 * scale)) ** 2 <= 1
+
+
+def _case(seed: int = 0) -> tuple[np.ndarray, int]:
+    """A 240-frame stack: an abdomen run in sweep 3 (frames 93..105, largest at 99), a
+    weaker run in sweep 5, an isolated blob in sweep 1, blank frames; -> (stack, peak frame)."""
+    rng = np.random.default_rng(seed)
+    st = (rng.random((6 * FPS, ROWS, COLS)) * 60).astype(np.uint8)
+    st[40:44] = 0  # contact loss
+    for f in range(93, 106):
+        st[f][_disk(1.0 - abs(f - 99) / 9)] = 250
+    for f in range(170, 176):
+        st[f][_disk(0.45)] = 250
+    st[15][_disk(0.7, 20, 28)] = 250
+    return st, 99
+
+
+def test_helpers_by_hand():
+    sig = np.ones(24, bool)
+    sig[[4, 5]] = False
+    # sweeps of 12: frames with signal 0..3, 6..11 -> every 4th starting at the 2nd (index 2)
+    assert coarse_frames(sig, 12, 4).tolist() == [2, 8, 14, 18, 22]
+    assert coarse_frames(np.zeros(5, bool), 5, 2).size == 0
+    assert neighbourhood(13, 3, 12, 24).tolist() == [12, 13, 14, 15, 16]  # stays in its sweep
+    scores = np.array([np.nan, 0.2, 0.9, np.nan, 0.1, 0.5])
+    good = np.array([0, 1, 1, 0, 1, 1], bool)
+    assert sweep_candidates(scores, good, None, 3, 1) == [2, 5]  # best sweep first
+    assert sweep_candidates(scores, good, None, 3, 2) == [2, 5, 1, 4]
+    assert sweep_candidates(scores, good, None, 3, 1, gate=0.6) == [2]  # 0.5 < 0.6 x 0.9
+
+
+def test_fast_picks_exhaustive_frame_with_a_fraction_of_the_frames():
+    st, peak = _case()
+    model = BrightIsAbdomen(temporal_window=2)
+    ex = analyse_stack(st, model, batch_size=8, progress=False)
+    fa = analyse_stack(st, model, batch_size=8, search="fast", progress=False)
+    assert ex.frame == peak and fa.frame == ex.frame
+    assert np.array_equal(fa.mask, ex.mask)
+    n_ex, n_fa = np.isfinite(ex.scores).sum(), np.isfinite(fa.scores).sum()
+    assert n_ex == 240 - 4 and n_fa <= 0.35 * n_ex, (n_fa, n_ex)
+    # the chosen frame's score is exact: its +-2 neighbours were scored
+    assert np.isfinite(fa.scores[peak - 4:peak + 5]).all()
+    assert fa.scores[peak] == pytest.approx(ex.scores[peak], abs=1e-6)
+    assert not np.isfinite(fa.scores[40:44]).any()  # blank frames never scored
+    # a coarse stride wider than the run still finds it through refinement and settling
+    sc = FrameScorer(st, model, batch_size=8, progress=False)
+    fast_search(sc, st.reshape(len(st), -1).max(1) > 0, FastSearch(stride=16, radius=4, gate=0.01))
+    assert choose_frame(*sc.scores_and_good()) == peak and sc.n_scored < 0.2 * n_ex, sc.n_scored
+
+
+def test_replay_on_cached_statistics_equals_a_real_fast_run():
+    st, _ = _case(1)
+    signal = st.reshape(len(st), -1).max(1) > 0
+    model = BrightIsAbdomen(temporal_window=2)
+    full = FrameScorer(st, model, batch_size=16, progress=False)
+    full.score(np.flatnonzero(signal))
+    for params in (FastSearch(), FastSearch(stride=12, per_sweep=2, gate=0.5)):
+        real = FrameScorer(st, model, batch_size=5, progress=False)
+        fast_search(real, signal, params)
+        replay = ReplayScorer(full)
+        fast_search(replay, signal, params)
+        assert np.array_equal(real.scored, replay.scored)
+        a, b = real.scores_and_good(), replay.scores_and_good()
+        np.testing.assert_allclose(a[0], b[0], atol=1e-6)  # batch composition differs: float noise only
+
+
+def test_batchnorm_folding_keeps_outputs_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8)).eval()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        ref = model(x)["seg"]
+        for cl in (False, True):
+            view = inference_view(model, channels_last=cl, sdpa_attention=cl)
+            out = view(x)["seg"]
+            # fp32 reassociation only (logits are O(1)); decisions use sigmoid > 0.5
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert view.decoder is not model.decoder
+    blk, vblk = model.encoder.transformer.resblocks[0], view.encoder.transformer.resblocks[0]
+    assert type(blk.attn) is nn.MultiheadAttention and vblk.attn.in_proj.weight is blk.attn.in_proj_weight  # shared
+    assert vblk.mlp is blk.mlp
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in view.decoder.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.decoder.modules()) == 34  # all still there
+    assert fold_batchnorm(nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), nn.BatchNorm2d(2))) == 0  # not adjacent
+
+
+class _LargestFloat(TorchDispatchMode):
+    """Records the largest floating-point tensor any torch op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("search", ["exhaustive", "fast"])
+def test_streaming_never_holds_a_full_stack_float_array(search):
+    st, _ = _case(2)
+    batch = 2
+    model = BrightIsAbdomen(temporal_window=2)
+    full_float = st.size  # elements of a float copy of the whole stack
+    bound = batch * 3 * 224 * 224  # one preprocessed batch
+    assert bound < full_float / 2
+    tracemalloc.start()
+    try:
+        with _LargestFloat() as mode:
+            a = analyse_stack(st, model, batch_size=batch, search=search, progress=False)
+        _, peak_numpy = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert a.frame >= 0
+    assert model.max_batch <= batch
+    assert mode.largest <= bound, (mode.largest, bound)
+    assert peak_numpy < st.nbytes / 2, peak_numpy  # numpy side: not even a uint8 copy (float32 = 4x)
+
+
+def test_int8_encoder_quantisation_stays_close():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        ref = model.encode(x)["feats"]
+        quantize_encoder_linears(model)
+        got = model.encode(x)["feats"]
+    assert not any(type(m) in (nn.Linear, nn.MultiheadAttention) for m in model.encoder.modules())
+    for a, b in zip(got, ref):  # int8 weights and activations: ~1 % of the feature range
+        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+def test_compare_search_cli_on_a_tiny_simulated_case(tmp_path):
+    from fetaliqa.bench import main
+    from fetaliqa.model import export_model
+    from fetaliqa.simulate import SimConfig, simulate_case, write_case
+
+    write_case(simulate_case(7, SimConfig(frames_per_sweep=10, rows=70, cols=93)), tmp_path / "data")
+    torch.manual_seed(0)
+    export_model(build_model(ModelConfig(backbone="fetalclip-small", decoder_width=4)).eval(), tmp_path / "m", {})
+    out = tmp_path / "out"
+    args = ["--compare-search", "--data", str(tmp_path / "data"), "--cases", "1", "--model", str(tmp_path / "m"),
+            "--device", "cpu", "--verify", "1", "--out", str(out), "--batch-size", "8"]
+    assert main(args) == 0
+    summary = json.loads((out / "compare_search.json").read_text())
+    assert summary["cases"] == 1 and summary["verify"][0]["same_frame_and_frames_scored"]
+    ex, fa = summary["searches"]["exhaustive"], summary["searches"]["fast"]
+    assert ex["same_frame"] == 1.0 and fa["mean_frames_scored"] <= ex["mean_frames_scored"] <= 60
+    rows = list(csv.DictReader(open(out / "compare_search.csv")))
+    assert len(rows) == len(summary["searches"]) and {r["search"] for r in rows} >= {"exhaustive", "fast"}
+    assert len(list((out / "stats").glob("*.npz"))) == 1
+    assert main(args) == 0  # second run reads the cached exhaustive statistics
