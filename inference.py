@@ -76,8 +76,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "resources/model)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=16, help="frames per model batch (default 16)")
-    p.add_argument("--search", default=None,
-                   help="frame search of fetaliqa.pipeline (default: the pipeline's)")
+    p.add_argument("--search", default="fast",
+                   help="frame search: fast (coarse-to-fine, about a quarter of the frames; "
+                        "default) or exhaustive (every frame); see docs/bench.md")
     p.add_argument("--extras", action="store_true",
                    help="also write scores, curve, AC and overlay to OUTPUT/extras "
                         "(or FETALIQA_EXTRAS=1)")

@@ -326,7 +326,8 @@ def test_full_size_sample_case_end_to_end(tmp_path, small_model):
     assert ("(embedded default)" in r.stdout) == default
     frame = _valid(tmp_path, image)
     assert 0 <= frame < 840
-    vol = sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "output" / SEG / "output.mha")))
+    written = sitk.ReadImage(str(tmp_path / "output" / SEG / "output.mha"))  # the view needs it alive
+    vol = sitk.GetArrayViewFromImage(written)
     assert vol.shape == (840, 562, 744) and vol[frame].any()
     expected = REPO / "test" / "sample" / "expected"
     if default and (expected / FRAME_JSON).is_file():
