@@ -70,14 +70,21 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_fetalclip_weights(visual: nn.Module, path: str | Path) -> None:
-    """Load FetalCLIP weights strictly into a (LoRA-free) vision tower; clear errors."""
-    sd = read_checkpoint(path)
-    own = visual.state_dict()
+def state_dict_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]
+                        ) -> tuple[list[str], list[str], list[str]]:
+    """(missing keys, unexpected keys, "key: file shape vs model shape" lines) of loading ``sd``."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
+    return missing, unexpected, shapes
+
+
+def load_fetalclip_weights(visual: nn.Module, path: str | Path) -> None:
+    """Load FetalCLIP weights strictly into a (LoRA-free) vision tower; clear errors."""
+    sd = read_checkpoint(path)
+    own = visual.state_dict()
+    missing, unexpected, shapes = state_dict_mismatch(own, sd)
     if missing or unexpected or shapes:
         raise ValueError(
             f"FetalCLIP checkpoint {path} does not match the vision tower geometry "

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .backbone import state_dict_mismatch
 from .config import ModelConfig
 from .lora import merged_state_dict
 
@@ -105,11 +106,7 @@ def load_exported(out_dir: Path, device: str | torch.device = "cpu") -> nn.Modul
         raise ValueError(f"cannot read exported model weights {w_path}: {e}") from e
     with torch.device("meta"):  # shapes only: no random init, and the file's tensors become the weights
         model = build_model(cfg, adapters=False)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs config {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    missing, unexpected, shapes = state_dict_mismatch(model.state_dict(), sd)
     if missing or unexpected or shapes:
         raise ValueError(
             f"exported weights {w_path} do not match the geometry in {out_dir / CONFIG} "
