@@ -471,9 +471,7 @@ def write_extras(folder: Path, stack: np.ndarray, frame: int, mask: np.ndarray,
 
 
 def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    fio.atomic_write(path, fig.savefig)  # the temporary keeps .png: matplotlib picks the format by it
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def write_mask_volume(path: Path, volume: np.ndarray, reference: sitk.Image) -> 
         out.SetSpacing((*reference.GetSpacing(), 1.0))
         out.SetOrigin((*reference.GetOrigin(), 0.0))
         out.SetDirection((d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0))
-    _atomic(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
+    atomic_write(path, lambda tmp: sitk.WriteImage(out, str(tmp), True))
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -159,7 +160,7 @@ def write_json(path: Path, value: Any) -> None:
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
-    _atomic(Path(path), dump)
+    atomic_write(Path(path), dump)
 
 
 def read_mask_volume(path: Path) -> np.ndarray:
@@ -170,12 +171,20 @@ def read_mask_volume(path: Path) -> np.ndarray:
         raise ValueError(f"cannot read mask volume {path}: unreadable or truncated file") from err
 
 
-def _atomic(path: Path, write) -> None:
-    """Run `write(tmp)` on a hidden temporary name beside `path`, then rename it into place."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Run `write(tmp)` on a hidden temporary name beside `path`, then rename it into place.
+
+    The project's one way to write a file that must never be seen half-written (outputs,
+    exported models, checkpoints, figures); the file gets the permissions of a plain open()."""
     # The temporary keeps the suffix: SimpleITK picks its writer from the extension.
     tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        # Some writers make 0600 files (safetensors does): a model or output written by root
+        # would be unreadable to the container's non-root user. Use a plain open()'s mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from fetaliqa.io import atomic_write
 from fetaliqa.model import LoraSettings, ModelConfig, build_model, export_model
 from fetaliqa.preprocess import normalize
 
@@ -385,9 +386,7 @@ def set_rng_state(s: dict, aug_gen: torch.Generator) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Log:

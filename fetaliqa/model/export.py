@@ -8,8 +8,6 @@ nor ``training/``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +16,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_write
 from .backbone import state_dict_mismatch
 from .config import ModelConfig
 from .lora import merged_state_dict
 
 FORMAT, VERSION = "fetaliqa-model", 1
 WEIGHTS, CONFIG = "model.safetensors", "model.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes 0600 files: the container's non-root user could not read a model
-        # exported by root. Give it the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def export_model(model: nn.Module, out_dir: Path, provenance: dict[str, Any]) -> None:
@@ -56,8 +39,8 @@ def export_model(model: nn.Module, out_dir: Path, provenance: dict[str, Any]) ->
           for k, v in merged_state_dict(model).items()}
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "provenance": provenance}
     text = json.dumps(meta, indent=2, allow_nan=False)
-    _atomic_write(out_dir / WEIGHTS, lambda p: save_file(sd, p, metadata={"format": FORMAT}))
-    _atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(text + "\n"))
+    atomic_write(out_dir / WEIGHTS, lambda p: save_file(sd, str(p), metadata={"format": FORMAT}))
+    atomic_write(out_dir / CONFIG, lambda p: p.write_text(text + "\n"))
 
 
 def is_exported_model(path: Path) -> bool:
