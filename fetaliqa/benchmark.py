@@ -415,14 +415,21 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
                 progress: bool = True) -> dict[str, Path]:
     """Run exported fetaliqa models over the GT images, writing team folders; returns {team: dir}.
 
-    Each model gives two teams: ``<model>`` (``pipeline.analyse_stack``: the model's own calibrated
-    selection, as the container runs it) and ``<model>-largest-area`` (the organisers' baseline rule
-    applied to the same model: the frame with the largest predicted abdomen area, same mask
-    post-processing). Needs the GT images (``images/...`` beside the masks).
+    Each model is run once per case over every frame with signal; its per-frame statistics then
+    serve three teams (no further model passes except one map per chosen frame):
+    ``<model>``: what the container does (calibrated thresholds, fast search replayed on the
+    exhaustive statistics: the same frames a real fast run would score, so the same choice);
+    ``<model>-published``: the same search under the published thresholds (pixel 0.5, area
+    1 %; left out when the model's own thresholds are those); ``<model>-largest-area``: the
+    organisers' baseline rule on the same model (the frame with the largest predicted abdomen
+    area, same mask post-processing). Needs the GT images (``images/...`` beside the masks).
     """
+    import dataclasses
+
     from fetaliqa.io import read_stack, write_json, write_mask_volume
     from fetaliqa.model import load_exported
-    from fetaliqa.pipeline import FrameScorer, analyse_stack
+    from fetaliqa.model.config import PUBLISHED_THRESHOLDS
+    from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, fast_search
     from fetaliqa.postprocess import final_mask
     from fetaliqa.preprocess import square_to_native
 
@@ -434,31 +441,42 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
     for model_dir in model_dirs:
         model = load_exported(model_dir, device=device)
         name = Path(model_dir).resolve().name
-        own, base = Path(out) / name, Path(out) / f"{name}-largest-area"
+        cfg = model.config
+        policies = {name: cfg}
+        if (cfg.pixel_threshold, cfg.area_threshold) != tuple(PUBLISHED_THRESHOLDS.values()):
+            policies[f"{name}-published"] = dataclasses.replace(cfg, **PUBLISHED_THRESHOLDS)
+        dirs = {t: Path(out) / t for t in [*policies, f"{name}-largest-area"]}
         for u, g in tqdm(gt.items(), desc=f"{name}: cases", unit="case", disable=not progress, file=sys.stderr):
             stack, ref = read_stack(g.image_path)
-            a = analyse_stack(stack, model, device=device, progress=False)
-            vol = np.zeros(stack.shape, np.uint8)
-            if a.frame >= 0:
-                vol[a.frame] = a.mask
-            for d in (own, base):
-                (d / u / SEG_REL).mkdir(parents=True, exist_ok=True)
-            write_mask_volume(own / u / SEG_REL / "output.mha", vol, ref)
-            write_json(own / u / FRAME_REL, int(a.frame))
-            # largest-area rule: a second pass for the per-frame areas (analyse_stack keeps them inside)
-            scorer = FrameScorer(stack, model, device=device, progress=False)
-            signal = np.flatnonzero(stack.reshape(len(stack), -1).max(axis=1) > 0)
-            scorer.score(signal)
+            signal = stack.reshape(len(stack), -1).max(axis=1) > 0
+            scorer = FrameScorer(stack, model, device=device, progress=False,
+                                 also_at=[c.pixel_threshold for c in policies.values()])
+            scorer.score(np.flatnonzero(signal))
+            probs: dict = {}
+            choices = {}
+            for team, c in policies.items():
+                replay = ReplayScorer(scorer, probs, config=c)
+                fast_search(replay, signal)
+                a = conclude(replay)
+                choices[team] = (a.frame, a.mask)
             area = np.nan_to_num(scorer.area, nan=-1.0)
-            frame = int(np.argmax(area)) if len(signal) else -1
-            vol[:] = 0
+            frame = int(np.argmax(area)) if signal.any() else -1
+            mask = np.zeros(stack.shape[1:], np.uint8)
             if frame >= 0:
-                prob = square_to_native(scorer.seg_prob(frame)[None], *stack.shape[1:])[0].numpy()
-                vol[frame] = final_mask(prob, model.config.pixel_threshold, stack.max(axis=0) > 0,
-                                        ellipse=model.config.ellipse_mask)
-            write_mask_volume(base / u / SEG_REL / "output.mha", vol, ref)
-            write_json(base / u / FRAME_REL, frame)
-        teams[name], teams[f"{name}-largest-area"] = own, base
+                if frame not in probs:
+                    probs[frame] = scorer.seg_prob(frame)
+                prob = square_to_native(probs[frame][None], *stack.shape[1:])[0].numpy()
+                mask = final_mask(prob, cfg.pixel_threshold, stack.max(axis=0) > 0, ellipse=cfg.ellipse_mask)
+            choices[f"{name}-largest-area"] = (frame, mask)
+            vol = np.zeros(stack.shape, np.uint8)
+            for team, (frame, mask) in choices.items():
+                vol[:] = 0
+                if frame >= 0:
+                    vol[frame] = mask
+                (dirs[team] / u / SEG_REL).mkdir(parents=True, exist_ok=True)
+                write_mask_volume(dirs[team] / u / SEG_REL / "output.mha", vol, ref)
+                write_json(dirs[team] / u / FRAME_REL, int(frame))
+        teams.update(dirs)
     return teams
 
 
@@ -501,8 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("official", "corrected"), default="official")
     p.add_argument("--frames-per-sweep", type=int, default=None, help="default: GT frames / 6")
     p.add_argument("--methods", nargs="*", default=[], metavar="MODEL_DIR",
-                   help="exported fetaliqa models to run over the GT images first; each adds two teams: "
-                        "the model's own selection and the largest-area baseline")
+                   help="exported fetaliqa models to run over the GT images first (one model pass per "
+                        "case); each adds the teams MODEL (the container's choice, calibrated thresholds), "
+                        "MODEL-published (published thresholds) and MODEL-largest-area (baseline rule)")
     p.add_argument("--device", default="cpu", help="device for --methods")
     args = p.parse_args(argv)
     try:

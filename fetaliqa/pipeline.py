@@ -80,10 +80,14 @@ class Analysis:
 
 class FrameScorer:
     """Runs ``model`` over chosen frames of ``stack``; per-frame results in float32 arrays
-    (nan = not scored yet): ``area``, ``mean_fg``, ``peak`` (SEG) and ``cls_prob`` (CLS)."""
+    (nan = not scored yet): ``area``, ``mean_fg``, ``peak`` (SEG, at the config's pixel
+    threshold) and ``cls_prob`` (CLS). ``also_at``: further pixel thresholds whose SEG
+    statistics are kept in ``stats_at[t]`` from the same model pass (``ReplayScorer`` with
+    another config replays them: several threshold policies for the price of one)."""
 
     def __init__(self, stack: np.ndarray, model: torch.nn.Module, *, device: str | torch.device = "cpu",
-                 batch_size: int = 16, amp: bool = False, progress: bool = True) -> None:
+                 batch_size: int = 16, amp: bool = False, progress: bool = True,
+                 also_at: Sequence[float] = ()) -> None:
         self.stack, self.model, self.cfg = stack, model, model.config
         self.device = torch.device(device)
         # layout and attention rewrites measured on the CPU only (fetaliqa.bench): CUDA keeps the
@@ -96,6 +100,9 @@ class FrameScorer:
         n = stack.shape[0]
         self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
         self.scored = np.zeros(n, bool)
+        self.stats_at = {float(self.cfg.pixel_threshold): (self.area, self.mean_fg, self.peak)}
+        for t in also_at:
+            self.stats_at.setdefault(float(t), tuple(np.full(n, np.nan, np.float32) for _ in range(3)))
 
     @torch.inference_mode()
     def _run(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,9 +119,10 @@ class FrameScorer:
         for idx, frames in iter_frame_batches(self.stack, todo, self.batch_size, self.device):
             out = self._run(frames)
             if "seg" in out:
-                st = frame_stats(out["seg"][:, 0], self.cfg.pixel_threshold)
-                self.area[idx], self.mean_fg[idx], self.peak[idx] = (st[k].cpu().numpy() for k in
-                                                                     ("area", "mean_fg", "peak"))
+                for t, arrays in self.stats_at.items():
+                    st = frame_stats(out["seg"][:, 0], t)
+                    for a, k in zip(arrays, ("area", "mean_fg", "peak")):
+                        a[idx] = st[k].cpu().numpy()
             if "cls" in out:
                 self.cls_prob[idx] = out["cls"].cpu().numpy()
             self.scored[idx] = True
@@ -145,9 +153,19 @@ class ReplayScorer(FrameScorer):
     running a model: the fast search's choice on it is the choice a real fast run makes,
     at no model cost. ``scored`` marks the frames the search asked for."""
 
-    def __init__(self, source: FrameScorer, prob_cache: dict[int, torch.Tensor] | None = None) -> None:
-        """prob_cache: chosen-frame probability maps shared between replays of one source."""
-        self.stack, self.model, self.cfg, self.source = source.stack, source.model, source.cfg, source
+    def __init__(self, source: FrameScorer, prob_cache: dict[int, torch.Tensor] | None = None,
+                 config=None) -> None:
+        """prob_cache: chosen-frame probability maps shared between replays of one source.
+        config: another ModelConfig (thresholds, selection rule) to replay under; its pixel
+        threshold must be one the source kept (``FrameScorer(also_at=...)``)."""
+        self.stack, self.model, self.source = source.stack, source.model, source
+        self.cfg = source.cfg if config is None else config
+        t = float(self.cfg.pixel_threshold)
+        if "seg" in self.cfg.heads and t not in source.stats_at:
+            raise ValueError(f"pixel threshold {t} was not kept by the source scorer "
+                             f"(kept: {sorted(source.stats_at)}); create it with also_at=[{t}]")
+        self._src = dict(zip(("area", "mean_fg", "peak"), source.stats_at.get(t, (None,) * 3)),
+                         cls_prob=source.cls_prob)
         self.prob_cache = {} if prob_cache is None else prob_cache
         n = len(source.scored)
         self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
@@ -157,8 +175,9 @@ class ReplayScorer(FrameScorer):
         idx = np.asarray([int(i) for i in indices], int)
         if not self.source.scored[idx].all():
             raise ValueError(f"frames {idx[~self.source.scored[idx]][:8].tolist()} were not scored by the source")
-        for k in ("area", "mean_fg", "peak", "cls_prob"):
-            getattr(self, k)[idx] = getattr(self.source, k)[idx]
+        for k, src in self._src.items():
+            if src is not None:
+                getattr(self, k)[idx] = src[idx]
         self.scored[idx] = True
 
     def seg_prob(self, frame: int) -> torch.Tensor:

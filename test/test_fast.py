@@ -106,6 +106,32 @@ def test_replay_on_cached_statistics_equals_a_real_fast_run():
         np.testing.assert_allclose(a[0], b[0], atol=1e-6)  # batch composition differs: float noise only
 
 
+def test_replay_under_other_thresholds_equals_a_run_with_them():
+    """One pass keeping statistics at several pixel thresholds serves every threshold policy:
+    the replay's choice and mask are a real run's under that policy."""
+    import dataclasses
+
+    from fetaliqa.pipeline import conclude
+
+    st, _ = _case(2)
+    signal = st.reshape(len(st), -1).max(1) > 0
+    model = BrightIsAbdomen(pixel_threshold=0.5, area_threshold=0.01)
+    full = FrameScorer(st, model, batch_size=16, progress=False, also_at=[0.9])
+    full.score(np.flatnonzero(signal))
+    for px, area in ((0.9, 0.2), (0.5, 0.3)):
+        other = BrightIsAbdomen(pixel_threshold=px, area_threshold=area)
+        real = FrameScorer(st, other, batch_size=7, progress=False)
+        fast_search(real, signal)
+        replay = ReplayScorer(full, config=other.config)
+        fast_search(replay, signal)
+        assert np.array_equal(real.scored, replay.scored)
+        a, b = conclude(real), conclude(replay)
+        assert a.frame == b.frame >= 0 and np.array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="also_at"):
+        ReplayScorer(full, config=dataclasses.replace(model.config, pixel_threshold=0.7))
+
+
 def test_batchnorm_folding_keeps_outputs_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8)).eval()

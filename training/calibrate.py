@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fetaliqa.model.config import PUBLISHED_THRESHOLDS
+
 PIXEL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-PUBLISHED = {"pixel_threshold": 0.5, "area_threshold": 0.01}
+PUBLISHED = PUBLISHED_THRESHOLDS
 
 
 def frame_f1_table(pred: np.ndarray, labels: np.ndarray) -> dict:

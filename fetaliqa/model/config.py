@@ -61,6 +61,12 @@ class LoraSettings:
         return cls(**_known(cls, d, "lora"))
 
 
+# The published FetalCLIP-SEG decision: a pixel is foreground above 0.5 and a frame is good
+# when its foreground covers at least 1 % of the model input (hand-set; training calibrates
+# its own, stored in the exported config).
+PUBLISHED_THRESHOLDS = {"pixel_threshold": 0.5, "area_threshold": 0.01}
+
+
 @dataclass
 class ModelConfig:
     """Everything that builds, feeds and reads a FetalCLIP-SEG / -CLS model.
