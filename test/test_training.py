@@ -111,6 +111,9 @@ def test_cache_matches_direct_computation_and_rebuilds_only_on_change(tiny, tmp_
     assert (root / "frames.npy").stat().st_mtime_ns != stamp
     whole = build_cache(recs, root, CacheConfig(selection="all"), progress=False)  # config changed
     assert len(whole) == 6 * 24
+    par = build_cache(recs, tmp_path / "par", CacheConfig(selection="all"), progress=False, workers=2)
+    for k in ("frames", "masks", "index"):  # cases preprocessed in parallel, written in order
+        np.testing.assert_array_equal(getattr(par, k), getattr(whole, k))
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -235,3 +238,43 @@ def test_fetalclip_checkpoint_path_lora(tiny, cache, tmp_path):
     assert any(v.abs().sum() > 0 for v in lora_b)  # adapters trained
     cal = json.loads((out / "calibration.json").read_text())
     assert set(cal["case_check"]) == {"published", "calibrated"}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
+    from fetaliqa.model import build_model, export_model
+    from training import evaluate
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "m"
+    export_model(build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8, area_threshold=0.05)).eval(),
+                 model_dir, {"simulation": {"seed": 5, "cases": 3}})
+    common = ["--model", str(model_dir), "--cases", "2", "--frames-per-sweep", "6", "--seed", "77"]
+    assert evaluate.main([*common, "--seed", "5"]) == 2  # training seeds are refused
+    assert "reuses training cases" in capsys.readouterr().err
+    assert evaluate.main([*common, "--compare", "--out", str(tmp_path / "one")]) == 0
+    assert evaluate.main([*common, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one/summary.json").read_text())
+    two = json.loads((tmp_path / "two/summary.json").read_text())
+    assert one["frames"] == 2 * 36 and one["challenge"] == two["challenge"] and one["frame"] == two["frame"]
+    assert (tmp_path / "one/per_case.csv").read_text().splitlines()[1].split(",")[:9] == \
+        (tmp_path / "two/per_case.csv").read_text().splitlines()[1].split(",")[:9]
+    table = {t["rule"]: t for t in one["compare"]}
+    assert set(table) == set(evaluate.RULES)
+    own = table["model"]  # the rule "model" is the pipeline's own choice, replayed
+    assert own["same_frame_or_wfss"] == 1.0 and own["score"] == pytest.approx(one["challenge"]["score"])
+    assert own["frames_scored"] == 36 and table["fast search"]["frames_scored"] <= 36
+    out = capsys.readouterr().out
+    assert "| selection rule |" in out and "| largest area |" in out
+
+
+def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):
+    base = ["--backbone", "fetalclip-small", "--cache", str(tmp_path), "--out", str(tmp_path / "o")]
+    cfg = T.model_config(T.parse_args([*base, "--image-size", "112", "--patch-size", "8"]))
+    assert cfg.image_size == 112 and cfg.vision_cfg()["patch_size"] == 8 and cfg.vision_cfg()["image_size"] == 112
+    model = T.make_model(T.parse_args([*base, "--image-size", "112", "--patch-size", "8", "--decoder-width", "8"]))
+    assert model.encoder.conv1.kernel_size == (8, 8)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 112, 112))["seg"].shape == (1, 1, 112, 112)
+    with pytest.raises(ValueError, match="pretrained"):
+        T.model_config(T.parse_args([*base, "--patch-size", "8", "--weights", str(tmp_path / "w.pt")]))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -158,10 +159,24 @@ def selected_frames(record: CaseRecord, n_frames: int, selection: str) -> np.nda
     return np.concatenate([np.arange(k * fps, (k + 1) * fps) for k in sweeps] or [np.zeros(0, int)]).astype(np.int64)
 
 
+def _preprocess_case(job: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One case's selected frames -> (square frames, square label masks, frame labels)."""
+    rec, shape, idx, config, chunk = job
+    fps = shape[0] // 6
+    stack, mask, _ = load_sweeps(rec, sorted(set((idx // fps).tolist())))
+    frames_sq = np.empty((len(idx), config.size, config.size), np.uint8)
+    masks_sq = np.empty_like(frames_sq)
+    with torch.inference_mode():
+        for s in range(0, len(idx), chunk):
+            frames_sq[s:s + chunk] = _frames_to_square(stack[s:s + chunk], config.size, config.resize_mode)
+            masks_sq[s:s + chunk] = _masks_to_square(mask[s:s + chunk], config.size)
+    return frames_sq, masks_sq, frame_labels(mask)
+
+
 def build_cache(records: list[CaseRecord], root: Path | str, config: CacheConfig = CacheConfig(),
-                *, progress: bool = True, chunk: int = 64) -> FrameCache:
+                *, progress: bool = True, chunk: int = 64, workers: int = 1) -> FrameCache:
     """Open the cache at `root` if its fingerprint matches these inputs and config, else
-    (re)build it. Progress (frames) on stderr."""
+    (re)build it, preprocessing `workers` cases at a time. Progress (frames) on stderr."""
     root = Path(root)
     files = [p for r in records for p in (r.image, r.mask)]
     csvs = {r.image.parent.parent.parent / "circumferences" for r in records}
@@ -182,18 +197,18 @@ def build_cache(records: list[CaseRecord], root: Path | str, config: CacheConfig
                          "no sweep has a reference AC?)")
     writer = CacheWriter(root, total, config.size, {"fingerprint": fp, "config": asdict(config)})
     bar = tqdm(total=total, desc="frame cache", unit="frame", disable=not progress)
-    for rec, shape, idx in zip(records, shapes, plan):
-        fps = shape[0] // 6
-        stack, mask, _ = load_sweeps(rec, sorted(set((idx // fps).tolist())))
-        frames_sq = np.empty((len(idx), config.size, config.size), np.uint8)
-        masks_sq = np.empty_like(frames_sq)
-        for s in range(0, len(idx), chunk):
-            frames_sq[s:s + chunk] = _frames_to_square(stack[s:s + chunk], config.size, config.resize_mode)
-            masks_sq[s:s + chunk] = _masks_to_square(mask[s:s + chunk], config.size)
-            bar.update(len(frames_sq[s:s + chunk]))
-        writer.add({"uuid": rec.uuid, "subject_id": rec.subject_id, "frames_per_sweep": fps,
-                    "shape": list(shape), "ac_mm": list(rec.ac_mm)},
-                   frames_sq, masks_sq, idx // fps, idx, frame_labels(mask))
-        del stack, mask
+    jobs = [(rec, shape, idx, config, chunk) for rec, shape, idx in zip(records, shapes, plan)]
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 and len(jobs) > 1 else None
+    try:  # cases are preprocessed in parallel but written in order: the cache is the same either way
+        results = pool.map(_preprocess_case, jobs) if pool else map(_preprocess_case, jobs)
+        for (rec, shape, idx, _, _), (frames_sq, masks_sq, labels) in zip(jobs, results):
+            fps = shape[0] // 6
+            writer.add({"uuid": rec.uuid, "subject_id": rec.subject_id, "frames_per_sweep": fps,
+                        "shape": list(shape), "ac_mm": list(rec.ac_mm)},
+                       frames_sq, masks_sq, idx // fps, idx, labels)
+            bar.update(len(idx))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     return writer.close()

@@ -3,6 +3,7 @@ project's metrics: frame-level F1/precision/recall/AUROC and the challenge score
 
     python -m training.evaluate --model resources/model --cases 20 --seed 2026
     python -m training.evaluate --model runs/x/model --data /path/to/acouslic --cases 30
+    python -m training.evaluate --cases 30 --seed 2026 --workers 2 --compare   # selection rules
 
 Simulated cases use seeds `fetaliqa.simulate.case_seed(seed, i)`; when the model's
 provenance lists its training seeds, overlapping evaluation seeds are refused.
@@ -10,6 +11,8 @@ Frame level: a frame is positive when it holds any annotation; the model's decis
 pipeline's per-frame `good` (area above the calibrated thresholds); AUROC ranks frames by
 the pipeline's quality score. Case level: `fetaliqa.metrics.score_case` on the chosen frame
 and mask (WFSS, soft Dice, NAE of the AC), aggregated as the challenge does.
+--compare replays other selection rules (RULES) on the same model outputs: the measured basis
+of the defaults (temporal window, mask vs ellipse, the fast search).
 """
 from __future__ import annotations
 
@@ -24,22 +27,106 @@ from tqdm import tqdm
 
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
 from fetaliqa.model import load_exported
-from fetaliqa.pipeline import analyse_stack
 
 
-def _cases(args):
-    """Yield (name, stack, gt labels, per-sweep ACs)."""
-    if args.data is not None:
-        from .data import load_case, read_release
-        for rec in read_release(args.data)[:args.cases]:
-            stack, gt = load_case(rec)
-            yield rec.uuid, stack, gt, list(rec.ac_mm)
-        return
+# Selection rules compared by --compare (one exhaustive model pass per case, each rule replayed
+# on its statistics): name -> ModelConfig changes, "search" -> "fast" replays the container's search.
+RULES: dict[str, dict] = {
+    "model": {},
+    "fast search": {"search": "fast"},
+    "window 0": {"temporal_window": 0},
+    "window 1": {"temporal_window": 1},
+    "window 3": {"temporal_window": 3},
+    "ellipse mask": {"ellipse_mask": True},
+    "largest area": {"rule": "largest_area"},
+}
+
+
+def _case(args, i: int, rec=None):
+    """(name, stack, gt labels, per-sweep ACs) of case i (simulated) or of a release record."""
+    if rec is not None:
+        from .data import load_case
+        stack, gt = load_case(rec)
+        return rec.uuid, stack, gt, list(rec.ac_mm)
     from fetaliqa.simulate import SimConfig, case_seed, simulate_case
-    cfg = SimConfig(frames_per_sweep=args.frames_per_sweep)
-    for i in range(args.cases):
-        c = simulate_case(case_seed(args.seed, i), cfg)
-        yield c.uuid, c.stack, c.masks, list(c.ac_mm)
+    c = simulate_case(case_seed(args.seed, i), SimConfig(frames_per_sweep=args.frames_per_sweep))
+    return c.uuid, c.stack, c.masks, list(c.ac_mm)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(args) -> None:
+    import torch
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    _WORKER["args"], _WORKER["model"] = args, load_exported(args.model, device=args.device)
+
+
+def _evaluate_case(job) -> dict:
+    """Score one case: the pipeline's choice (exhaustive search, as ``analyse_stack``) and, with
+    --compare, every rule of RULES replayed on the same per-frame statistics."""
+    import dataclasses
+
+    from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, fast_search
+    from fetaliqa.postprocess import final_mask
+    from fetaliqa.preprocess import square_to_native
+
+    i, rec = job
+    args, model = _WORKER["args"], _WORKER["model"]
+    name, stack, gt, ac = _case(args, i, rec)
+    fps = stack.shape[0] // 6
+    t = time.perf_counter()
+    signal = stack.reshape(len(stack), -1).max(axis=1) > 0
+    full = FrameScorer(stack, model, device=args.device, batch_size=args.batch_size, progress=False)
+    full.score(np.flatnonzero(signal))
+    a = conclude(full)
+    cs = score_case(gt, ac, a.frame, a.mask, frames_per_sweep=fps)
+    lab = gt.reshape(gt.shape[0], -1).max(1) > 0
+    row = {"case": name, "frame": a.frame, "frame_label": int(gt[a.frame].max()) if a.frame >= 0 else -1,
+           "wfss": cs.wfss, "dice": cs.dice, "dice_soft": cs.dice_soft, "nae_ac": cs.nae_ac,
+           "ac_pred_mm": cs.ac_pred_mm, "ac_ref_mm": cs.ac_ref_mm, "score": cs.score,
+           "seconds": round(time.perf_counter() - t, 1)}
+    out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {}}
+    if not args.compare:
+        return out
+    probs: dict = {}
+    fan = stack.max(axis=0) > 0
+    for rule, change in RULES.items():
+        change = dict(change)
+        search, kind = change.pop("search", "exhaustive"), change.pop("rule", "score")
+        cfg = dataclasses.replace(model.config, **change)
+        rep = ReplayScorer(full, probs, config=cfg)
+        if search == "fast":
+            fast_search(rep, signal)
+        else:
+            rep.score(np.flatnonzero(signal))
+        if kind == "largest_area":
+            frame = int(np.argmax(np.nan_to_num(rep.area, nan=-1.0))) if signal.any() else -1
+            mask = np.zeros(stack.shape[1:], np.uint8)
+            if frame >= 0:
+                prob = square_to_native(rep.seg_prob(frame)[None], *stack.shape[1:])[0].numpy()
+                mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
+        else:
+            r = conclude(rep, fan)
+            frame, mask = r.frame, r.mask
+        out["rules"][rule] = {"score": score_case(gt, ac, frame, mask, frames_per_sweep=fps), "frame": frame,
+                              "scored": int(rep.n_scored)}
+    return out
+
+
+def compare_table(results: list[dict]) -> list[dict]:
+    """Per rule: challenge means, frames scored, and agreement with the model's own choice."""
+    table = []
+    for rule in RULES:
+        per = [r["rules"][rule] for r in results]
+        agg = aggregate([p["score"] for p in per])
+        own = [r["rules"]["model"] for r in results]
+        same = [p["frame"] == o["frame"] or p["score"].wfss == o["score"].wfss for p, o in zip(per, own)]
+        table.append({"rule": rule, **{k: agg[k]["mean"] for k in ("wfss", "dice_soft", "nae_ac", "score")},
+                      "frames_scored": float(np.mean([p["scored"] for p in per])),
+                      "same_frame_or_wfss": float(np.mean(same))})
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="write per_case.csv and summary.json here")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default; 1 with --workers)")
+    p.add_argument("--workers", type=int, default=1, help="cases evaluated in parallel processes")
+    p.add_argument("--compare", action="store_true",
+                   help="also compare selection rules (temporal window, ellipse mask, largest area, fast "
+                        "search) replayed on one exhaustive model pass per case")
     args = p.parse_args(argv)
-    if args.threads > 0:
-        import torch
-        torch.set_num_threads(args.threads)
+    if args.workers > 1 and args.threads <= 0:
+        args.threads = 1
 
     model = load_exported(args.model, device=args.device)
     sim = model.provenance.get("simulation") or {}
@@ -71,18 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     print(f"[evaluate] {args.model}: {cfg.backbone} f={cfg.decoder_width} pixel_threshold={cfg.pixel_threshold:.2f} "
           f"area_threshold={cfg.area_threshold:.4f}", file=sys.stderr)
-    rows, scores, all_good, all_q, all_lab = [], [], [], [], []
+    if args.data is not None:
+        from .data import read_release
+        jobs = [(i, rec) for i, rec in enumerate(read_release(args.data)[:args.cases])]
+    else:
+        jobs = [(i, None) for i in range(args.cases)]
     t0 = time.time()
-    for name, stack, gt, ac in tqdm(_cases(args), total=args.cases, desc="cases", file=sys.stderr):
-        a = analyse_stack(stack, model, device=args.device, batch_size=args.batch_size, progress=False)
-        cs = score_case(gt, ac, a.frame, a.mask, frames_per_sweep=stack.shape[0] // 6)
-        lab = gt.reshape(gt.shape[0], -1).max(1) > 0
-        all_good.append(a.good), all_q.append(np.nan_to_num(a.scores, nan=-1.0)), all_lab.append(lab)
-        scores.append(cs)
-        rows.append({"case": name, "frame": a.frame, "frame_label": int(gt[a.frame].max()) if a.frame >= 0 else -1,
-                     "wfss": cs.wfss, "dice": cs.dice, "dice_soft": cs.dice_soft, "nae_ac": cs.nae_ac,
-                     "ac_pred_mm": cs.ac_pred_mm, "ac_ref_mm": cs.ac_ref_mm, "score": cs.score,
-                     "seconds": round(a.timings.get("total", float("nan")), 1)})
+    if args.workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
+            results = list(tqdm(pool.map(_evaluate_case, jobs), total=len(jobs), desc="cases", file=sys.stderr))
+    else:
+        _init_worker(args)
+        results = [_evaluate_case(j) for j in tqdm(jobs, desc="cases", file=sys.stderr)]
+    rows, scores = [r["row"] for r in results], [r["score"] for r in results]
+    all_good, all_q, all_lab = ([r[k] for r in results] for k in ("good", "q", "lab"))
     good, q, lab = map(np.concatenate, (all_good, all_q, all_lab))
     fm_decision = frame_metrics(good.astype(float), lab, 0.5)
     fm_rank = frame_metrics(q, lab, np.inf)
@@ -93,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"]},
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
+    if args.compare:
+        summary["compare"] = compare_table(results)
     print("\n| case | frame | label | WFSS | soft Dice | NAE | AC pred | AC ref | score |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -105,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {f['f1']:.3f} | {f['precision']:.3f} | {f['recall']:.3f} | {f['auroc']:.3f} | {c['wfss']:.3f} | "
           f"{c['dice_soft']:.3f} | {c['nae_ac']:.3f} | {c['score']:.3f} |")
+    if args.compare:
+        _print_compare(summary["compare"])
     if args.out:
         import csv
         args.out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(rows)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _print_compare(table: list[dict]) -> None:
+    print("\n| selection rule | WFSS | soft Dice | NAE | score | frames scored | same frame or WFSS as model |")
+    print("|---|---|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['rule']} | {t['wfss']:.3f} | {t['dice_soft']:.3f} | {t['nae_ac']:.3f} | {t['score']:.3f} | "
+              f"{t['frames_scored']:.0f} | {100 * t['same_frame_or_wfss']:.0f} % |")
 
 
 if __name__ == "__main__":
