@@ -54,9 +54,9 @@ PRESETS: dict[str, dict] = {
     # The published recipe on the real data (FetalCLIP-SEG, LoRA, soft Dice, AdamW 3e-4, 5 x 32).
     "published": {},
     # The embedded default: small geometry, encoder trained from scratch on simulated sweeps.
-    "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=16,
-                        batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
-                        val_max_frames=600, val_every=2, case_check=2, num_workers=0, select_metric="f1"),
+    "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=32,
+                        batch_size=8, lr=1e-3, loss="dice", neg_ratio=2.0, selection="all", warmup=0.05,
+                        val_max_frames=1500, val_every=4, case_check=2, num_workers=0, select_metric="f1"),
 }
 
 
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     d.add_argument("--no-augment", action="store_true")
     d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--cache-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="processes preprocessing cases when the frame cache is (re)built")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="FetalCLIP", help="open_clip geometry: FetalCLIP or fetalclip-small")
     m.add_argument("--weights", type=Path, help="FetalCLIP checkpoint (FetalCLIP_weights.pt); none = random init")
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora-alpha", type=int, default=16)
     m.add_argument("--lora-dropout", type=float, default=0.1)
     m.add_argument("--decoder-width", type=int, default=32)
+    m.add_argument("--patch-size", type=int, default=0,
+                   help="ViT patch side (0: the backbone's, 14); another size rebuilds the geometry for "
+                        "random-init backbones, e.g. 8 at --image-size 112 gives a 14x14 token grid")
     m.add_argument("--image-size", type=int, default=0,
                    help="model input side (0: the backbone's, 224); another size (e.g. 112, a multiple of 16 "
                         "and the patch size) rebuilds the geometry for random-init backbones: 4x cheaper at 112")
@@ -200,13 +205,16 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     mode = "frozen" if args.encoder == "frozen" else "lora"
     cfg = ModelConfig(backbone=args.backbone, heads=heads, decoder_width=args.decoder_width, encoder_mode=mode,
                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
-    if args.image_size and args.image_size != cfg.image_size:
+    size = args.image_size or cfg.image_size
+    patch = args.patch_size or int(cfg.vision_cfg()["patch_size"])
+    if size != cfg.image_size or patch != cfg.vision_cfg()["patch_size"]:
         if args.weights is not None:
-            raise ValueError(f"--image-size {args.image_size}: pretrained {args.backbone} weights are for "
-                             f"{cfg.image_size}x{cfg.image_size} inputs; drop --image-size")
+            raise ValueError(f"--image-size/--patch-size: pretrained {args.backbone} weights are for "
+                             f"{cfg.image_size}x{cfg.image_size} inputs in {cfg.vision_cfg()['patch_size']}px "
+                             "patches; drop these options")
         geo = json.loads(json.dumps(cfg.open_clip_config()))  # a copy: the registry stays untouched
-        geo["vision_cfg"]["image_size"] = args.image_size
-        cfg = dataclasses.replace(cfg, image_size=args.image_size, geometry=geo)
+        geo["vision_cfg"].update(image_size=size, patch_size=patch)
+        cfg = dataclasses.replace(cfg, image_size=size, geometry=geo)
     return cfg
 
 
@@ -433,7 +441,7 @@ def prepare_data(args, rank: int, world: int, image_size: int) -> tuple[FrameCac
         cache_dir = args.cache or args.data / ".fetaliqa_cache" / f"{args.selection}-{image_size}"
         if rank == 0:
             build_cache(records, cache_dir, CacheConfig(size=image_size, selection=args.selection),
-                        progress=args.progress)
+                        progress=args.progress, workers=args.cache_workers)
         if world > 1:
             dist.barrier()
         cache = FrameCache(cache_dir)
