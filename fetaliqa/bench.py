@@ -65,6 +65,10 @@ VARIANTS: dict[str, FastSearch] = {
     "s16-gate0.5": FastSearch(stride=16, gate=0.5),
     "s16-r4": FastSearch(stride=16, radius=4),
     "s24-r12": FastSearch(stride=24, radius=12),
+    "s12-climb": FastSearch(stride=12, refine="climb"),
+    "s16-climb": FastSearch(stride=16, refine="climb"),
+    "s16-climb-gate0.5": FastSearch(stride=16, refine="climb", gate=0.5),
+    "s24-climb": FastSearch(stride=24, refine="climb"),
 }
 
 

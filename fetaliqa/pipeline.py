@@ -33,7 +33,8 @@ from tqdm import tqdm
 from .model.fuse import inference_view
 from .postprocess import final_mask
 from .preprocess import frames_to_model_input, iter_frame_batches, square_to_native
-from .select import choose_frame, coarse_frames, frame_stats, neighbourhood, seg_scores, sweep_candidates, sweep_length
+from .select import (best_of, choose_frame, coarse_frames, frame_stats, neighbourhood, seg_scores, sweep_candidates,
+                     sweep_length)
 
 SEARCHES = ("exhaustive", "fast")
 
@@ -53,6 +54,9 @@ class FastSearch:
     settle: the chosen frame's +-settle neighbours must be scored before the search stops
         (None: 2 x temporal_window, at least 1: the chosen frame's score and its
         neighbours' scores are then exact).
+    refine: "dense" scores every frame within +-radius of a candidate; "climb" a pattern
+        search: the frames at +-radius, move to the best, then +-radius/2, ... down to +-1
+        (2 frames per halving instead of 2 x radius).
     """
 
     stride: int = 8
@@ -61,6 +65,11 @@ class FastSearch:
     radius: int | None = None
     gate: float = 0.01
     settle: int | None = None
+    refine: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.refine not in ("dense", "climb"):
+            raise ValueError(f"refine must be 'dense' or 'climb', got {self.refine!r}")
 
 
 @dataclass
@@ -205,8 +214,17 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
         stride //= 2
         score(coarse_frames(signal, fps, stride))
     cands = sweep_candidates(*scorer.scores_and_good(), fps, params.per_sweep, params.gate)
-    if cands:
+    if cands and params.refine == "dense":
         score(np.unique(np.concatenate([neighbourhood(c, radius, fps, n) for c in cands])))
+    for c in cands if params.refine == "climb" else ():
+        step = radius
+        while step >= 1:
+            near = neighbourhood(c, step, fps, n)
+            side = near[(near == c - step) | (near == c + step)]
+            score(side)
+            side = side[np.isfinite(scorer.scores_and_good()[0][side])]
+            c = best_of(*scorer.scores_and_good(), np.concatenate([[c], side]).astype(int))
+            step //= 2
     while True:  # settle: each pass scores at least one new frame, so this ends
         frame = choose_frame(*scorer.scores_and_good())
         if frame < 0:

@@ -76,6 +76,11 @@ def _order(scores: np.ndarray, good: np.ndarray, tiebreak: np.ndarray | None, ca
     return cand[np.lexsort((-cand, tb, s, g))[::-1]]
 
 
+def best_of(scores: np.ndarray, good: np.ndarray, tiebreak: np.ndarray | None, cand: np.ndarray) -> int:
+    """The best of the frames ``cand`` in ``choose_frame``'s order."""
+    return int(_order(scores, good, tiebreak, np.asarray(cand, int))[0])
+
+
 def sweep_candidates(scores: np.ndarray, good: np.ndarray, tiebreak: np.ndarray | None, frames_per_sweep: int,
                      per_sweep: int, gate: float = 0.0) -> list[int]:
     """The best ``per_sweep`` scored frames of each sweep (``choose_frame``'s order), best

@@ -88,6 +88,12 @@ def test_fast_picks_exhaustive_frame_with_a_fraction_of_the_frames():
     sc = FrameScorer(st, model, batch_size=8, progress=False)
     fast_search(sc, st.reshape(len(st), -1).max(1) > 0, FastSearch(stride=16, radius=4, gate=0.01))
     assert choose_frame(*sc.scores_and_good()) == peak and sc.n_scored < 0.2 * n_ex, sc.n_scored
+    # the pattern search (climb) reaches the same peak with fewer frames than dense refinement
+    climb = FrameScorer(st, model, batch_size=8, progress=False)
+    fast_search(climb, st.reshape(len(st), -1).max(1) > 0, FastSearch(stride=16, radius=8, refine="climb"))
+    assert choose_frame(*climb.scores_and_good()) == peak and climb.n_scored < sc.n_scored, climb.n_scored
+    with pytest.raises(ValueError, match="refine"):
+        FastSearch(refine="sparse")
 
 
 def test_replay_on_cached_statistics_equals_a_real_fast_run():
