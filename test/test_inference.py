@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "test")]
 import inference  # noqa: E402
 from compare_outputs import check_outputs, input_info  # noqa: E402
+from fetaliqa.model import ModelConfig  # noqa: E402
 
 SEG = Path("images/fetal-abdomen-segmentation")
 FRAME_JSON = Path("fetal-abdomen-frame-number.json")
@@ -248,6 +249,22 @@ def test_platform_model_wins_broken_upload_refused_default_otherwise(tmp_path, s
     for f in small_model.iterdir():
         shutil.copy(f, platform)
     assert inference.resolve_model_dir(None) == (platform, "uploaded model tarball")
+
+
+def test_int8_run_and_automatic_batch_size(tmp_path, capfd, small_model):
+    """--int8 quantises the encoder on the CPU and keeps the contract; without --batch-size the
+    batch is 16 for small models and 4 on the CPU for FetalCLIP-width encoders."""
+    image = _case(tmp_path, _sim_stack())
+    rc, out, err = inference.run(["--input", str(tmp_path / "input"), "--output", str(tmp_path / "output"),
+                                  "--device", "cpu", "--int8", "--model", str(small_model)]), *capfd.readouterr()
+    assert rc == 0, err
+    assert 0 <= _valid(tmp_path, image) < 12
+    assert "int8 dynamic quantisation" in out and "batch 16" in out
+
+    class Wide:
+        config = ModelConfig(backbone="FetalCLIP")
+    assert inference.default_batch_size(Wide(), "cpu") == 4 and inference.default_batch_size(Wide(), "cuda") == 16
+    assert inference.quantize_for_cpu(Wide, "cuda") is Wide and "for the CPU" in capfd.readouterr().err
 
 
 def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_cpu():
