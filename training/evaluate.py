@@ -27,13 +27,17 @@ from tqdm import tqdm
 
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
 from fetaliqa.model import load_exported
+from fetaliqa.pipeline import FastSearch
 
 
 # Selection rules compared by --compare (one exhaustive model pass per case, each rule replayed
-# on its statistics): name -> ModelConfig changes, "search" -> "fast" replays the container's search.
+# on its statistics): name -> ModelConfig changes; "search": a FastSearch replayed instead of
+# the exhaustive pass (FastSearch() is the container's search); "rule": "largest_area".
 RULES: dict[str, dict] = {
     "model": {},
-    "fast search": {"search": "fast"},
+    "fast search": {"search": FastSearch()},
+    "fast, stride 16, climb": {"search": FastSearch(stride=16, refine="climb")},
+    "fast, stride 24, climb": {"search": FastSearch(stride=24, refine="climb")},
     "window 0": {"temporal_window": 0},
     "window 1": {"temporal_window": 1},
     "window 3": {"temporal_window": 3},
@@ -94,11 +98,11 @@ def _evaluate_case(job) -> dict:
     fan = stack.max(axis=0) > 0
     for rule, change in RULES.items():
         change = dict(change)
-        search, kind = change.pop("search", "exhaustive"), change.pop("rule", "score")
+        search, kind = change.pop("search", None), change.pop("rule", "score")
         cfg = dataclasses.replace(model.config, **change)
         rep = ReplayScorer(full, probs, config=cfg)
-        if search == "fast":
-            fast_search(rep, signal)
+        if search is not None:
+            fast_search(rep, signal, search)
         else:
             rep.score(np.flatnonzero(signal))
         if kind == "largest_area":
