@@ -50,6 +50,12 @@ def test_disk_radius_100():
     assert official_circumference_mm(d) == pytest.approx(625.4605 * PIXEL_SPACING_MM, abs=1e-3)
     assert ellipse_circumference(d) == pytest.approx(625.4605, abs=1e-3)
     assert ellipse_circumference(d, pixel_size=0.5) == pytest.approx(625.4605 / 2, abs=1e-3)
+    # The contract's "628.1 px" is a disk drawn by OpenCV with 4-connected boundary steps,
+    # slightly fuller than x^2 + y^2 <= 100^2 (cv2.LINE_8 draws exactly that set).
+    for line_type, want in ((cv2.LINE_4, 628.12), (cv2.LINE_8, 625.46)):
+        m = np.zeros((562, 744), np.uint8)
+        cv2.circle(m, (372, 281), 100, 1, -1, lineType=line_type)
+        assert official_circumference_mm(m, pixel_spacing=1.0) == pytest.approx(want, abs=0.01)
 
 
 def test_axis_aligned_ellipse():
