@@ -90,6 +90,20 @@ def test_statistics_near_real_training_set():
     assert s["with_annotation_pct"] >= 88
     assert 25 <= s["sweeps_1_pct"] <= 60 and 25 <= s["sweeps_2_pct"] <= 60 and s["sweeps_3_pct"] >= 4
     assert s["run_length_median"] >= 5  # consecutive runs, not scattered frames
+    # unannotated transverse trunk sections near the stomach level exist (as in real sweeps:
+    # the annotated run is flanked by similar-looking frames) but do not swamp the positives
+    assert 0.3 * s["annotated_frames"] <= s["near_miss_frames"] <= 3 * s["annotated_frames"]
+    f1 = s["f1_if_all_transverse_sections_fire"]
+    assert f1 == pytest.approx(2 * s["annotated_frames"] / (2 * s["annotated_frames"] + s["near_miss_frames"]))
+
+
+def test_near_misses_are_unannotated_frames_near_the_stomach_level():
+    from fetaliqa.simulate.geometry import near_misses
+
+    plan = sim._plan(sim.case_seed(0, 3), sim.SimConfig())
+    near = near_misses(plan)
+    assert near.any() and not (near & (plan.labels > 0)).any() and (plan.contact[near] >= 0.5).all()
+    assert near_misses(plan, level=0.0).sum() == 0 and near_misses(plan, level=2.0).sum() >= near.sum()
 
 
 def _support(axes, n):

@@ -247,6 +247,25 @@ def _cuts_landmarks(sc: _Scene, o: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (np.abs(dist(c)) < half) & (np.sign(d0) != np.sign(d1))
 
 
+def near_misses(plan: "_Plan", level: float = 0.6, angle_deg: float = 60.0, inside_min: float = 0.5) -> np.ndarray:
+    """(F,) bool: unannotated frames in contact that still show a transverse trunk section
+    (plane within ``angle_deg`` of transverse, crossing the axis within ``level`` x radius of
+    the stomach level, at least ``inside_min`` of the section in the fan): frames that look
+    like the annotated ones to a model that cannot resolve the plane's level or tilt."""
+    sc, o, e_h, e_d = plan.scene, plan.origin, plan.e_h, plan.e_d
+    n = np.cross(e_h, e_d)
+    un = n @ sc.u
+    ok = np.abs(un) >= math.cos(angle_deg * math.pi / 180)
+    lev = np.full(len(o), np.inf)
+    lev[ok] = np.abs(np.sum((o - sc.c) * n, 1)[ok] / un[ok])
+    A, b = _section_maps(sc, o, e_h, e_d)
+    out = np.zeros(len(o), bool)
+    for i in np.nonzero((plan.labels == 0) & (plan.contact >= 0.5) & (lev <= level * sc.r))[0]:
+        hd = np.linalg.solve(A[i], (_DISK - b[i]).T)
+        out[i] = np.mean(_in_fan_mm(hd[0], hd[1])) >= inside_min
+    return out
+
+
 def _labels(sc: _Scene, o, e_h, e_d, contact, cfg: SimConfig) -> np.ndarray:
     n = np.cross(e_h, e_d)
     un = n @ sc.u
