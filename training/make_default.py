@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     t_sim = time.time() - t0
     from . import train
     sim = {"generator": "fetaliqa.simulate", "seed": a.seed, "cases": a.cases, "frames_per_sweep": a.frames_per_sweep}
+    # the shipped provenance names the data by how to remake it, not by this machine's path
+    where = {"data": f"fetaliqa.simulate cases (python -m training.make_default --seed {a.seed} --cases {a.cases})"}
     argv_train = ["--preset", "default-sim", "--data", str(data), "--out", str(a.work / "run"),
-                  "--export-to", str(a.export_to), "--provenance", json.dumps({"simulation": sim}), *train_args]
+                  "--export-to", str(a.export_to), "--provenance", json.dumps({"simulation": sim, **where}),
+                  *train_args]
     rc = train.run_training(argv_train, a.procs)
     print(f"[make_default] simulation {t_sim / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min; "
           f"model in {a.export_to}", file=sys.stderr)
