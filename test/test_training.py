@@ -266,6 +266,8 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     assert own["frames_scored"] == 36 and table["fast search"]["frames_scored"] <= 36
     out = capsys.readouterr().out
     assert "| selection rule |" in out and "| largest area |" in out
+    rows = (tmp_path / "one/compare_per_case.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(evaluate.RULES) and rows[0].startswith("case,rule,frame")
 
 
 def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):

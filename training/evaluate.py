@@ -120,7 +120,7 @@ def _evaluate_case(job) -> dict:
             r = conclude(rep, fan)
             frame, mask = r.frame, r.mask
         out["rules"][rule] = {"score": score_case(gt, ac, frame, mask, frames_per_sweep=fps), "frame": frame,
-                              "scored": int(rep.n_scored)}
+                              "label": int(gt[frame].max()) if frame >= 0 else -1, "scored": int(rep.n_scored)}
     return out
 
 
@@ -219,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if args.compare:  # one row per case and rule: which frame, what it scored, frames it cost
+            with open(args.out / "compare_per_case.csv", "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["case", "rule", "frame", "frame_label", "frames_scored", "wfss", "dice_soft", "nae_ac",
+                            "score"])
+                for r in results:
+                    for rule, v in r["rules"].items():
+                        sc = v["score"]
+                        w.writerow([r["row"]["case"], rule, v["frame"], v["label"], v["scored"], sc.wfss,
+                                    sc.dice_soft, sc.nae_ac, sc.score])
     return 0
 
 
