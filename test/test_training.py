@@ -263,7 +263,7 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     assert set(table) == set(evaluate.RULES)
     own = table["model"]  # the rule "model" is the pipeline's own choice, replayed
     assert own["same_frame_or_wfss"] == 1.0 and own["score"] == pytest.approx(one["challenge"]["score"])
-    assert own["frames_scored"] == 36 and table["fast search"]["frames_scored"] <= 36
+    assert own["frames_scored"] == 36 and table["fast search (default)"]["frames_scored"] <= 36
     out = capsys.readouterr().out
     assert "| selection rule |" in out and "| largest area |" in out
     rows = (tmp_path / "one/compare_per_case.csv").read_text().splitlines()

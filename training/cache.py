@@ -198,7 +198,9 @@ def build_cache(records: list[CaseRecord], root: Path | str, config: CacheConfig
     writer = CacheWriter(root, total, config.size, {"fingerprint": fp, "config": asdict(config)})
     bar = tqdm(total=total, desc="frame cache", unit="frame", disable=not progress)
     jobs = [(rec, shape, idx, config, chunk) for rec, shape, idx in zip(records, shapes, plan)]
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 and len(jobs) > 1 else None
+    pool = None
+    if workers > 1 and len(jobs) > 1:  # one torch thread per worker: the workers are the parallelism
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
     try:  # cases are preprocessed in parallel but written in order: the cache is the same either way
         results = pool.map(_preprocess_case, jobs) if pool else map(_preprocess_case, jobs)
         for (rec, shape, idx, _, _), (frames_sq, masks_sq, labels) in zip(jobs, results):

@@ -35,14 +35,14 @@ from fetaliqa.pipeline import FastSearch
 # the exhaustive pass (FastSearch() is the container's search); "rule": "largest_area".
 RULES: dict[str, dict] = {
     "model": {},
-    "fast search": {"search": FastSearch()},
-    "fast, stride 16, climb": {"search": FastSearch(stride=16, refine="climb")},
+    "fast search (default)": {"search": FastSearch()},
     "fast, stride 16, climb, 2 per sweep": {"search": FastSearch(stride=16, refine="climb", per_sweep=2)},
     "fast, stride 16, climb, no gate": {"search": FastSearch(stride=16, refine="climb", gate=0.0)},
     "fast, stride 12, climb": {"search": FastSearch(stride=12, refine="climb")},
     "fast, stride 12, climb, 2 per sweep": {"search": FastSearch(stride=12, refine="climb", per_sweep=2)},
-    "fast, stride 8, 2 per sweep": {"search": FastSearch(per_sweep=2)},
     "fast, stride 24, climb": {"search": FastSearch(stride=24, refine="climb")},
+    "fast, stride 8, dense": {"search": FastSearch(stride=8, refine="dense")},
+    "fast, stride 8, dense, 2 per sweep": {"search": FastSearch(stride=8, refine="dense", per_sweep=2)},
     "window 0": {"temporal_window": 0},
     "window 1": {"temporal_window": 1},
     "window 3": {"temporal_window": 3},
