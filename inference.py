@@ -338,7 +338,7 @@ def load_model(folder: Path, origin: str, device: str):
 
 def default_batch_size(model, device: str) -> int:
     """16 on CUDA and for small models; 4 on the CPU for encoders of FetalCLIP's width, where
-    batch 16 holds about 1.3 GB more activations for no measurable speed-up."""
+    batch 16 holds about 1.3 GB more activations (docs/bench.md) and the 3 GB budget is tight."""
     if device.startswith("cuda"):
         return 16
     cfg = getattr(model, "config", None)
