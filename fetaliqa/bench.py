@@ -52,7 +52,8 @@ from tqdm import tqdm
 
 from .model import ModelConfig, build_model, export_model, is_exported_model, load_exported
 from .model.fuse import inference_view, quantize_encoder_linears
-from .pipeline import FastSearch, FrameScorer, ReplayScorer, analyse_stack, conclude, fast_search
+from .pipeline import (FastSearch, FrameScorer, ReplayScorer, analyse_stack, conclude, fast_search,
+                       frames_with_signal)
 
 RESOURCES_MODEL = Path(__file__).resolve().parent.parent / "resources" / "model"
 # fast-search variants replayed by --compare-search besides the default FastSearch()
@@ -158,7 +159,7 @@ def frame_cost(stack: np.ndarray, model, *, device: torch.device, batch: int, fr
     frames with signal, after ``warmup`` frames (default one batch); ``net`` replaces the
     inference view."""
     warmup = batch if warmup is None else warmup
-    idx = np.flatnonzero(stack.reshape(len(stack), -1).max(1) > 0)
+    idx = np.flatnonzero(frames_with_signal(stack))
     idx = idx[np.linspace(0, len(idx) - 1, frames + warmup).round().astype(int)]
     best = np.inf
     for _ in range(reps):
@@ -217,7 +218,7 @@ def frame_section(name: str, model_dir: Path, stack: np.ndarray, args, device: t
             run("pipeline + torch.compile", net=compiled)
         if big or args.int8_small:
             ref = FrameScorer(stack, model, device=device, batch_size=args.batch_size, progress=False)
-            probe = np.flatnonzero(stack.reshape(len(stack), -1).max(1) > 0)[::97][:4]
+            probe = np.flatnonzero(frames_with_signal(stack))[::97][:4]
             ref.score(probe)
             quantize_encoder_linears(model)  # in place: last
             run("pipeline + int8 encoder linears")
@@ -252,7 +253,7 @@ def run_case(spec: dict) -> dict:
     if spec.get("int8"):
         quantize_encoder_linears(model)
     tm["load"] = time.perf_counter() - t
-    signal = stack.reshape(len(stack), -1).max(1) > 0
+    signal = frames_with_signal(stack)
     res = {"n_frames": len(stack), "n_signal": int(signal.sum())}
     limit = spec.get("limit_frames") or 0
     t = time.perf_counter()
@@ -378,7 +379,7 @@ def compare_search(args, device: torch.device) -> int:
     for i, (uuid, stack, masks, ac) in enumerate(tqdm(source, total=args.cases, desc="cases", file=sys.stderr)):
         if i >= args.cases:
             break
-        signal = stack.reshape(len(stack), -1).max(1) > 0
+        signal = frames_with_signal(stack)
         full = FrameScorer(stack, model, device=device, batch_size=args.batch_size, amp=amp,
                            progress=sys.stderr.isatty())
         cache = out / "stats" / f"{uuid}-{fingerprint}.npz"

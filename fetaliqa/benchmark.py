@@ -429,9 +429,8 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
     from fetaliqa.io import read_stack, write_json, write_mask_volume
     from fetaliqa.model import load_exported
     from fetaliqa.model.config import PUBLISHED_THRESHOLDS
-    from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, fast_search
-    from fetaliqa.postprocess import final_mask
-    from fetaliqa.preprocess import square_to_native
+    from fetaliqa.pipeline import (FrameScorer, ReplayScorer, conclude, fast_search, frames_with_signal,
+                                   largest_area_frame, native_mask)
 
     gt = discover_ground_truth(gt_root)
     missing = [u for u, g in gt.items() if g.image_path is None]
@@ -448,7 +447,8 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
         dirs = {t: Path(out) / t for t in [*policies, f"{name}-largest-area"]}
         for u, g in tqdm(gt.items(), desc=f"{name}: cases", unit="case", disable=not progress, file=sys.stderr):
             stack, ref = read_stack(g.image_path)
-            signal = stack.reshape(len(stack), -1).max(axis=1) > 0
+            signal = frames_with_signal(stack)
+            fan = stack.max(axis=0) > 0  # once per case, for every team's mask
             scorer = FrameScorer(stack, model, device=device, progress=False,
                                  also_at=[c.pixel_threshold for c in policies.values()])
             scorer.score(np.flatnonzero(signal))
@@ -457,17 +457,11 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
             for team, c in policies.items():
                 replay = ReplayScorer(scorer, probs, config=c)
                 fast_search(replay, signal)
-                a = conclude(replay)
+                a = conclude(replay, fan)
                 choices[team] = (a.frame, a.mask)
-            area = np.nan_to_num(scorer.area, nan=-1.0)
-            frame = int(np.argmax(area)) if signal.any() else -1
-            mask = np.zeros(stack.shape[1:], np.uint8)
-            if frame >= 0:
-                if frame not in probs:
-                    probs[frame] = scorer.seg_prob(frame)
-                prob = square_to_native(probs[frame][None], *stack.shape[1:])[0].numpy()
-                mask = final_mask(prob, cfg.pixel_threshold, stack.max(axis=0) > 0, ellipse=cfg.ellipse_mask)
-            choices[f"{name}-largest-area"] = (frame, mask)
+            frame = largest_area_frame(scorer)
+            own = ReplayScorer(scorer, probs)  # the model's config; shares the chosen frames' maps
+            choices[f"{name}-largest-area"] = (frame, native_mask(own, frame, fan))
             vol = np.zeros(stack.shape, np.uint8)
             for team, (frame, mask) in choices.items():
                 vol[:] = 0

@@ -267,7 +267,7 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
         raise ValueError(f"fov shape {fov.shape} does not match the frames' ({rows}, {cols})")
     model.to(device).eval()
 
-    signal = stack.reshape(n, -1).max(axis=1) > 0  # a reduction: no full-size temporary
+    signal = frames_with_signal(stack)
     timings["signal"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -283,24 +283,44 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
     return analysis
 
 
+def frames_with_signal(stack: np.ndarray) -> np.ndarray:
+    """bool (frames,): frames holding any non-zero pixel (a reduction: no full-size temporary)."""
+    stack = np.asarray(stack)
+    return stack.reshape(len(stack), -1).max(axis=1) > 0
+
+
+def native_mask(scorer: FrameScorer, frame: int, fov: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (rows, cols) {0, 1} mask of ``frame`` on the native grid (all zero for -1), from
+    the scorer's probability map and config; fov as in ``analyse_stack``."""
+    stack, cfg = scorer.stack, scorer.cfg
+    rows, cols = stack.shape[1:]
+    if frame < 0:
+        return np.zeros((rows, cols), np.uint8)
+    prob = square_to_native(scorer.seg_prob(frame)[None], rows, cols)[0].numpy()
+    fan = fov.astype(bool) if fov is not None else stack.max(axis=0) > 0
+    mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
+    if not mask.any():  # fan has no pixel at all: fall back to the frame's non-zero pixels
+        mask = final_mask(prob, cfg.pixel_threshold, stack[frame] > 0, ellipse=cfg.ellipse_mask)
+    return mask
+
+
+def largest_area_frame(scorer: FrameScorer) -> int:
+    """The organisers' baseline rule on the scorer's statistics: the scored frame with the
+    largest predicted foreground area (earliest on ties), -1 when nothing was scored."""
+    if not np.isfinite(scorer.area).any():
+        return -1
+    return int(np.argmax(np.nan_to_num(scorer.area, nan=-1.0)))
+
+
 def conclude(scorer: FrameScorer, fov: np.ndarray | None = None) -> Analysis:
     """The Analysis of whatever ``scorer`` has scored: choose the frame, build its mask on the
     native grid (timings "select" and "mask"). fov as in ``analyse_stack``."""
-    stack, cfg = scorer.stack, scorer.cfg
-    rows, cols = stack.shape[1:]
     t = time.perf_counter()
     scores, good, tiebreak = scorer.scores_and_good()
     frame = choose_frame(scores, good, tiebreak)
     timings = {"select": time.perf_counter() - t}
-
     t = time.perf_counter()
-    mask = np.zeros((rows, cols), np.uint8)
-    if frame >= 0:
-        prob = square_to_native(scorer.seg_prob(frame)[None], rows, cols)[0].numpy()
-        fan = fov.astype(bool) if fov is not None else stack.max(axis=0) > 0
-        mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
-        if not mask.any():  # fan has no pixel at all: fall back to the frame's non-zero pixels
-            mask = final_mask(prob, cfg.pixel_threshold, stack[frame] > 0, ellipse=cfg.ellipse_mask)
+    mask = native_mask(scorer, frame, fov)
     timings["mask"] = time.perf_counter() - t
     return Analysis(frame=frame, mask=mask, scores=scores.astype(np.float32), good=good.astype(bool),
                     timings=timings)

@@ -77,19 +77,19 @@ def _evaluate_case(job) -> dict:
     --compare, every rule of RULES replayed on the same per-frame statistics."""
     import dataclasses
 
-    from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, fast_search
-    from fetaliqa.postprocess import final_mask
-    from fetaliqa.preprocess import square_to_native
+    from fetaliqa.pipeline import (FrameScorer, ReplayScorer, conclude, fast_search, frames_with_signal,
+                                   largest_area_frame, native_mask)
 
     i, rec = job
     args, model = _WORKER["args"], _WORKER["model"]
     name, stack, gt, ac = _case(args, i, rec)
     fps = stack.shape[0] // 6
     t = time.perf_counter()
-    signal = stack.reshape(len(stack), -1).max(axis=1) > 0
+    signal = frames_with_signal(stack)
+    fan = stack.max(axis=0) > 0
     full = FrameScorer(stack, model, device=args.device, batch_size=args.batch_size, progress=False)
     full.score(np.flatnonzero(signal))
-    a = conclude(full)
+    a = conclude(full, fan)
     cs = score_case(gt, ac, a.frame, a.mask, frames_per_sweep=fps)
     lab = gt.reshape(gt.shape[0], -1).max(1) > 0
     row = {"case": name, "frame": a.frame, "frame_label": int(gt[a.frame].max()) if a.frame >= 0 else -1,
@@ -100,7 +100,6 @@ def _evaluate_case(job) -> dict:
     if not args.compare:
         return out
     probs: dict = {}
-    fan = stack.max(axis=0) > 0
     for rule, change in RULES.items():
         change = dict(change)
         search, kind = change.pop("search", None), change.pop("rule", "score")
@@ -111,11 +110,8 @@ def _evaluate_case(job) -> dict:
         else:
             rep.score(np.flatnonzero(signal))
         if kind == "largest_area":
-            frame = int(np.argmax(np.nan_to_num(rep.area, nan=-1.0))) if signal.any() else -1
-            mask = np.zeros(stack.shape[1:], np.uint8)
-            if frame >= 0:
-                prob = square_to_native(rep.seg_prob(frame)[None], *stack.shape[1:])[0].numpy()
-                mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
+            frame = largest_area_frame(rep)
+            mask = native_mask(rep, frame, fan)
         else:
             r = conclude(rep, fan)
             frame, mask = r.frame, r.mask
