@@ -109,14 +109,5 @@ def neighbourhood(frame: int, radius: int, frames_per_sweep: int, n_frames: int)
 def choose_frame(scores: np.ndarray, good: np.ndarray, tiebreak: np.ndarray | None = None) -> int:
     """0-based index of the best-scoring good frame, else the best-scoring frame, else -1
     (no finite score at all). ``tiebreak`` (e.g. peak probability) orders equal scores."""
-    scores = np.asarray(scores, np.float64)
-    finite = np.isfinite(scores)
-    if not finite.any():
-        return -1
-    pool = finite & np.asarray(good, bool)
-    if not pool.any():
-        pool = finite
-    tb = np.zeros_like(scores) if tiebreak is None else np.nan_to_num(np.asarray(tiebreak, np.float64), nan=-np.inf)
-    cand = np.flatnonzero(pool)
-    order = np.lexsort((-cand, tb[cand], scores[cand]))  # last = best score, then tiebreak, then earliest
-    return int(cand[order[-1]])
+    finite = np.flatnonzero(np.isfinite(np.asarray(scores, np.float64)))
+    return best_of(scores, good, tiebreak, finite) if len(finite) else -1
