@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
 from fetaliqa.model import load_exported
+from fetaliqa.model.config import PUBLISHED_THRESHOLDS
 from fetaliqa.pipeline import FastSearch
 
 
@@ -48,6 +49,7 @@ RULES: dict[str, dict] = {
     "window 3": {"temporal_window": 3},
     "ellipse mask": {"ellipse_mask": True},
     "largest area": {"rule": "largest_area"},
+    "published thresholds (0.5 / 1 %)": dict(PUBLISHED_THRESHOLDS),
 }
 
 
@@ -87,7 +89,8 @@ def _evaluate_case(job) -> dict:
     t = time.perf_counter()
     signal = frames_with_signal(stack)
     fan = stack.max(axis=0) > 0
-    full = FrameScorer(stack, model, device=args.device, batch_size=args.batch_size, progress=False)
+    also = sorted({r["pixel_threshold"] for r in RULES.values() if "pixel_threshold" in r}) if args.compare else []
+    full = FrameScorer(stack, model, device=args.device, batch_size=args.batch_size, progress=False, also_at=also)
     full.score(np.flatnonzero(signal))
     a = conclude(full, fan)
     cs = score_case(gt, ac, a.frame, a.mask, frames_per_sweep=fps)
