@@ -8,9 +8,10 @@ depthwise 2x2 transposed convolutions done as one broadcast multiply-add
 convolutions as matrix products (``Pointwise``); ``model`` is left untouched, so it still
 trains and exports. All are exact up to float reassociation (~1e-7 relative). On the CPU
 they make the decoder ~3x faster (docs/bench.md). ``quantize_encoder_linears`` (CPU only,
-opt-in, in place) swaps the encoder's ``nn.Linear`` layers (the MLPs, 2/3 of a ViT block's
-MACs) for int8 dynamically quantised ones; attention projections stay fp32
-(``nn.MultiheadAttention`` reads its weights directly). Measured in ``fetaliqa.bench``.
+opt-in, in place) swaps the encoder's ``nn.Linear`` layers for int8 dynamically quantised
+ones: the MLPs (2/3 of a ViT block's MACs) and, by default, the attention projections too,
+after rewriting ``nn.MultiheadAttention`` (which reads its weights directly) as
+``LinearAttention``. Measured in ``fetaliqa.bench``.
 """
 
 from __future__ import annotations
