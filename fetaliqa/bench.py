@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from .model import ModelConfig, build_model, export_model, is_exported_model, load_exported
 from .model.fuse import inference_view, quantize_encoder_linears
-from .pipeline import (FastSearch, FrameScorer, ReplayScorer, analyse_stack, conclude, fast_search,
+from .pipeline import (SEG_STATS, FastSearch, FrameScorer, ReplayScorer, analyse_stack, conclude, fast_search,
                        frames_with_signal)
 
 RESOURCES_MODEL = Path(__file__).resolve().parent.parent / "resources" / "model"
@@ -383,15 +383,15 @@ def compare_search(args, device: torch.device) -> int:
         full = FrameScorer(stack, model, device=device, batch_size=args.batch_size, amp=amp,
                            progress=sys.stderr.isatty())
         cache = out / "stats" / f"{uuid}-{fingerprint}.npz"
-        if cache.is_file():
-            z = np.load(cache)
-            for k in ("area", "mean_fg", "peak", "cls_prob", "scored"):
+        keys = (*SEG_STATS, "cls_prob", "scored")
+        z = np.load(cache) if cache.is_file() else None
+        if z is not None and all(k in z for k in keys):  # a cache from before a statistic existed is stale
+            for k in keys:
                 getattr(full, k)[:] = z[k]
         else:
             t = time.perf_counter()
             full.score(np.flatnonzero(signal))
-            np.savez(cache, area=full.area, mean_fg=full.mean_fg, peak=full.peak, cls_prob=full.cls_prob,
-                     scored=full.scored, seconds=time.perf_counter() - t)
+            np.savez(cache, **{k: getattr(full, k) for k in keys}, seconds=time.perf_counter() - t)
         fps = len(stack) // 6
         probs: dict[int, torch.Tensor] = {}
         every = ReplayScorer(full, probs)

@@ -38,6 +38,7 @@ from .select import (best_of, choose_frame, coarse_frames, frame_stats, neighbou
                      sweep_length)
 
 SEARCHES = ("exhaustive", "fast")
+SEG_STATS = ("area", "mean_fg", "peak", "shape")  # per-frame SEG statistics (select.frame_stats)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class Analysis:
 
 class FrameScorer:
     """Runs ``model`` over chosen frames of ``stack``; per-frame results in float32 arrays
-    (nan = not scored yet): ``area``, ``mean_fg``, ``peak`` (SEG, at the config's pixel
-    threshold) and ``cls_prob`` (CLS). ``also_at``: further pixel thresholds whose SEG
+    (nan = not scored yet): ``area``, ``mean_fg``, ``peak``, ``shape`` (SEG, at the config's
+    pixel threshold) and ``cls_prob`` (CLS). ``also_at``: further pixel thresholds whose SEG
     statistics are kept in ``stats_at[t]`` from the same model pass (``ReplayScorer`` with
     another config replays them: several threshold policies for the price of one)."""
 
@@ -108,11 +109,12 @@ class FrameScorer:
         self.batch_size, self.progress = max(1, int(batch_size)), progress
         self.amp = amp and self.device.type == "cuda"  # fp16 autocast only where it pays (T4 has no bf16)
         n = stack.shape[0]
-        self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
+        self.area, self.mean_fg, self.peak, self.shape, self.cls_prob = (np.full(n, np.nan, np.float32)
+                                                                         for _ in range(5))
         self.scored = np.zeros(n, bool)
-        self.stats_at = {float(self.cfg.pixel_threshold): (self.area, self.mean_fg, self.peak)}
+        self.stats_at = {float(self.cfg.pixel_threshold): (self.area, self.mean_fg, self.peak, self.shape)}
         for t in also_at:
-            self.stats_at.setdefault(float(t), tuple(np.full(n, np.nan, np.float32) for _ in range(3)))
+            self.stats_at.setdefault(float(t), tuple(np.full(n, np.nan, np.float32) for _ in SEG_STATS))
 
     @torch.inference_mode()
     def _run(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -131,7 +133,7 @@ class FrameScorer:
             if "seg" in out:
                 for t, arrays in self.stats_at.items():
                     st = frame_stats(out["seg"][:, 0], t)
-                    for a, k in zip(arrays, ("area", "mean_fg", "peak")):
+                    for a, k in zip(arrays, SEG_STATS):
                         a[idx] = st[k].cpu().numpy()
             if "cls" in out:
                 self.cls_prob[idx] = out["cls"].cpu().numpy()
@@ -149,7 +151,8 @@ class FrameScorer:
         if cfg.select_by == "cls" and "cls" in cfg.heads or "seg" not in cfg.heads:
             p = self.cls_prob
             return p.copy(), np.nan_to_num(p, nan=-1.0) >= cfg.cls_threshold, None
-        scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)))
+        scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)),
+                            shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
         return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
 
     def seg_prob(self, frame: int) -> torch.Tensor:
@@ -174,11 +177,12 @@ class ReplayScorer(FrameScorer):
         if "seg" in self.cfg.heads and t not in source.stats_at:
             raise ValueError(f"pixel threshold {t} was not kept by the source scorer "
                              f"(kept: {sorted(source.stats_at)}); create it with also_at=[{t}]")
-        self._src = dict(zip(("area", "mean_fg", "peak"), source.stats_at.get(t, (None,) * 3)),
+        self._src = dict(zip(SEG_STATS, source.stats_at.get(t, (None,) * len(SEG_STATS))),
                          cls_prob=source.cls_prob)
         self.prob_cache = {} if prob_cache is None else prob_cache
         n = len(source.scored)
-        self.area, self.mean_fg, self.peak, self.cls_prob = (np.full(n, np.nan, np.float32) for _ in range(4))
+        self.area, self.mean_fg, self.peak, self.shape, self.cls_prob = (np.full(n, np.nan, np.float32)
+                                                                         for _ in range(5))
         self.scored = np.zeros(n, bool)
 
     def score(self, indices: Sequence[int]) -> None:

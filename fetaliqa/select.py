@@ -1,11 +1,16 @@
 """Per-frame decision and per-case frame selection (arrays of per-frame statistics in).
 
 Quality score of a scored frame i (SEG):
-    raw_i   = mean foreground probability_i x foreground area fraction_i
+    raw_i   = mean foreground probability_i x foreground area fraction_i x shape_i ** shape_power
               (foreground = 224x224 pixels with probability > pixel_threshold)
-    score_i = (raw_i + support_i) / 2,  support_i = mean raw over the scored frames within
-              +-temporal_window of i in the same sweep (i included)
-so an isolated confident blob ranks below a frame inside a run of abdomen views. Frames not
+    score_i = (raw_i + support_i) / 2 x sweep_prior[sweep of i],  support_i = mean raw over
+              the scored frames within +-temporal_window of i in the same sweep (i included)
+so an isolated confident blob ranks below a frame inside a run of abdomen views.
+shape_i (``frame_stats``) is 1 for a filled disk and falls for elongated, ragged or
+scattered foreground: the abdominal plane is measured on a near-round section, while a
+sagittal sweep shows the trunk lengthwise. sweep_prior (6 weights, one per protocol sweep:
+1-3 transverse, 4-6 sagittal) is how often each sweep held an annotation in the training
+cases; it applies to 6-sweep stacks only. shape_power 0 and no prior give the plain rule. Frames not
 scored (blank frames, or skipped by a coarse search) are nan and never chosen.
 A frame is good when its area fraction >= area_threshold. The chosen frame is the best
 score among good frames; if none is good the best score anyway (ties and all-zero scores
@@ -17,17 +22,45 @@ pick which frames to score; the driver is ``fetaliqa.pipeline.fast_search``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 
 def frame_stats(prob: torch.Tensor, pixel_threshold: float) -> dict[str, torch.Tensor]:
-    """(B, S, S) probabilities -> per-frame "area" (foreground fraction of S*S), "mean_fg"
-    (mean probability over foreground, 0 if none) and "peak" (max probability), float32 (B,)."""
+    """(B, S, S) probabilities -> per-frame float32 (B,): "area" (foreground fraction of
+    S*S), "mean_fg" (mean probability over foreground, 0 if none), "peak" (max probability)
+    and "shape" (``shape_from_moments`` of the foreground pixels)."""
     fg = prob > pixel_threshold
     n = fg.flatten(1).sum(1).float()
     mean_fg = torch.where(fg, prob, torch.zeros_like(prob)).flatten(1).sum(1).float() / n.clamp(min=1)
-    return {"area": n / fg[0].numel(), "mean_fg": mean_fg, "peak": prob.flatten(1).amax(1).float()}
+    return {"area": n / fg[0].numel(), "mean_fg": mean_fg, "peak": prob.flatten(1).amax(1).float(),
+            "shape": shape_from_moments(fg)}
+
+
+def shape_from_moments(fg: torch.Tensor, min_pixels: int = 8) -> torch.Tensor:
+    """(B, H, W) bool foreground -> float32 (B,) in [0, 1]: roundness x ellipse fill, from
+    the second moments of the foreground pixels (covariance eigenvalues l1 >= l2):
+    roundness = sqrt(l2 / l1) (b/a of the ellipse with those moments) and fill =
+    pixels / (4 pi sqrt(l1 l2)) capped at 1 (a filled ellipse has area 4 pi sqrt(l1 l2);
+    the same moments from ragged or scattered pixels cover less). 1 for a filled disk,
+    b/a for a filled ellipse; 0 below ``min_pixels`` pixels."""
+    b, h, w = fg.shape
+    yy, xx = torch.meshgrid(torch.arange(h, device=fg.device, dtype=torch.float64),
+                            torch.arange(w, device=fg.device, dtype=torch.float64), indexing="ij")
+    basis = torch.stack([torch.ones_like(xx), xx, yy, xx * xx, yy * yy, xx * yy], -1).reshape(h * w, 6)
+    m = fg.reshape(b, h * w).to(torch.float64) @ basis  # (B, 6): n, sums and sums of products
+    n = m[:, 0].clamp(min=1)
+    cx, cy = m[:, 1] / n, m[:, 2] / n
+    vxx, vyy, vxy = m[:, 3] / n - cx * cx, m[:, 4] / n - cy * cy, m[:, 5] / n - cx * cy
+    half_tr = (vxx + vyy) / 2
+    det = (vxx * vyy - vxy * vxy).clamp(min=0)
+    disc = (half_tr * half_tr - det).clamp(min=0).sqrt()
+    l1, l2 = half_tr + disc, (half_tr - disc).clamp(min=0)
+    roundness = (l2 / l1.clamp(min=1e-12)).sqrt()
+    fill = (m[:, 0] / (4 * torch.pi * det.sqrt()).clamp(min=1e-12)).clamp(max=1.0)
+    return torch.where(m[:, 0] >= min_pixels, roundness * fill, torch.zeros_like(n)).float()
 
 
 def sweep_length(n_frames: int) -> int:
@@ -47,12 +80,20 @@ def temporal_support(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.
     return out
 
 
-def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
+def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sweep: int, *,
+               shape: np.ndarray | None = None, shape_power: float = 0.0,
+               sweep_prior: Sequence[float] | None = None) -> np.ndarray:
     """Quality score per frame (module docstring), float32, nan where not scored."""
     raw = np.asarray(mean_fg, np.float64) * np.asarray(area, np.float64)
-    if window <= 0:
-        return raw.astype(np.float32)
-    return ((raw + temporal_support(raw, window, frames_per_sweep)) / 2).astype(np.float32)
+    if shape_power:
+        if shape is None:
+            raise ValueError("shape_power needs the per-frame shape statistic")
+        raw = raw * np.asarray(shape, np.float64) ** shape_power
+    score = raw if window <= 0 else (raw + temporal_support(raw, window, frames_per_sweep)) / 2
+    n = len(score)
+    if sweep_prior is not None and n == 6 * frames_per_sweep:
+        score = score * np.repeat(np.asarray(sweep_prior, np.float64), frames_per_sweep)
+    return score.astype(np.float32)
 
 
 def coarse_frames(signal: np.ndarray, frames_per_sweep: int, stride: int) -> np.ndarray:

@@ -124,8 +124,9 @@ def test_replay_under_other_thresholds_equals_a_run_with_them():
     model = BrightIsAbdomen(pixel_threshold=0.5, area_threshold=0.01)
     full = FrameScorer(st, model, batch_size=16, progress=False, also_at=[0.9])
     full.score(np.flatnonzero(signal))
-    for px, area in ((0.9, 0.2), (0.5, 0.3)):
-        other = BrightIsAbdomen(pixel_threshold=px, area_threshold=area)
+    shaped = dict(shape_power=1.0, sweep_prior=(0.2, 0.3, 0.1, 0.1, 1.0, 0.1))  # favours the weak sweep-5 run
+    for px, area, kw in ((0.9, 0.2, {}), (0.5, 0.3, {}), (0.5, 0.01, shaped)):
+        other = BrightIsAbdomen(pixel_threshold=px, area_threshold=area, **kw)
         real = FrameScorer(st, other, batch_size=7, progress=False)
         fast_search(real, signal)
         replay = ReplayScorer(full, config=other.config)
@@ -134,6 +135,10 @@ def test_replay_under_other_thresholds_equals_a_run_with_them():
         a, b = conclude(real), conclude(replay)
         assert a.frame == b.frame >= 0 and np.array_equal(a.mask, b.mask)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+        if kw:  # exhaustively, the prior moves the choice to the sweep-5 run (the coarse grid misses it)
+            every = ReplayScorer(full, config=other.config)
+            every.score(np.flatnonzero(signal))
+            assert 170 <= conclude(every).frame <= 175
     with pytest.raises(ValueError, match="also_at"):
         ReplayScorer(full, config=dataclasses.replace(model.config, pixel_threshold=0.7))
 

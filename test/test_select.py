@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fetaliqa.postprocess import ellipse_mask, final_mask, largest_component
-from fetaliqa.select import choose_frame, frame_stats, seg_scores, sweep_length, temporal_support
+from fetaliqa.select import (choose_frame, frame_stats, seg_scores, shape_from_moments, sweep_length,
+                             temporal_support)
 
 
 def test_frame_stats_by_hand():
@@ -17,6 +19,47 @@ def test_frame_stats_by_hand():
     assert np.allclose(st["area"].numpy(), [0.1, 0.0])
     assert np.allclose(st["mean_fg"].numpy(), [0.9, 0.0])
     assert np.allclose(st["peak"].numpy(), [0.9, 0.0])
+
+
+def _ellipse(a: float, b: float, cy: float = 48, cx: float = 48, size: int = 96) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1
+
+
+def test_shape_from_moments_by_hand():
+    two = _ellipse(10, 10, 20, 20) | _ellipse(10, 10, 75, 75)       # two disks far apart
+    ring = _ellipse(30, 30) & ~_ellipse(25, 25)                      # an outline, not a filled section
+    few = torch.zeros(96, 96, dtype=torch.bool)
+    few[0, :7] = True                                                # 7 pixels: too few to say
+    fg = torch.stack([_ellipse(30, 30), _ellipse(40, 20), _ellipse(20, 40), two, ring, few,
+                      torch.zeros(96, 96, dtype=torch.bool)])
+    s = shape_from_moments(fg).numpy()
+    assert s.dtype == np.float32
+    assert s[0] == pytest.approx(1.0, abs=0.02)                      # a filled disk
+    assert s[1] == pytest.approx(0.5, abs=0.02) and s[2] == pytest.approx(0.5, abs=0.02)  # b/a, any axis
+    # two disks: moments of an elongated spread (roundness ~0.2) that the pixels fill poorly
+    assert s[3] < 0.1
+    assert s[4] < 0.5 and s[5] == 0 and s[6] == 0
+    st = frame_stats(torch.stack([_ellipse(30, 30).float() * 0.9, torch.zeros(96, 96)]), 0.5)
+    assert st["shape"].numpy() == pytest.approx([1.0, 0.0], abs=0.02)
+
+
+def test_shape_factor_and_sweep_prior_rank_frames():
+    # 6 sweeps of 2 frames; frame 0 (sweep 1): round; frame 8 (sweep 5): larger but elongated
+    area, mean, shape = np.full(12, 0.01), np.full(12, 0.9), np.full(12, 0.5)
+    area[0], shape[0] = 0.10, 1.0
+    area[8], shape[8] = 0.15, 0.4
+    plain = seg_scores(area, mean, 0, 2)
+    assert int(np.argmax(plain)) == 8
+    assert int(np.argmax(seg_scores(area, mean, 0, 2, shape=shape, shape_power=1.0))) == 0
+    prior = (0.8, 0.4, 0.3, 0.1, 0.2, 0.05)
+    s = seg_scores(area, mean, 0, 2, sweep_prior=prior)
+    np.testing.assert_allclose(s, plain * np.repeat(prior, 2), rtol=1e-6)
+    assert int(np.argmax(s)) == 0
+    # the prior is for 6-sweep protocol stacks only; the shape factor needs the statistic
+    np.testing.assert_allclose(seg_scores(area[:10], mean[:10], 0, 10, sweep_prior=prior), plain[:10])
+    with pytest.raises(ValueError, match="shape"):
+        seg_scores(area, mean, 0, 2, shape_power=1.0)
 
 
 def test_sweep_length():

@@ -134,6 +134,16 @@ def test_augmentation_keeps_frame_and_mask_aligned():
     assert (f3[m3 == 1].mean() > f3[(m3 == 0) & (f3 > 0)].mean() + 50)
 
 
+def test_sweep_prior_counts_annotated_sweeps_of_the_given_cases():
+    from training.calibrate import sweep_prior
+    from training.data import CaseRecord
+    rec = lambda u, ac: CaseRecord(u, u, Path("i"), Path("m"), tuple(ac))  # noqa: E731
+    recs = [rec("a", [200.0, None, None, None, 180.0, None]), rec("b", [210.0, 190.0, None, None, None, None]),
+            rec("c", [None] * 6), rec("d", [1.0] * 6)]
+    assert sweep_prior(recs, ["a", "b", "c"]) == (0.6667, 0.3333, 0.0, 0.0, 0.3333, 0.0)
+    assert sweep_prior(recs, ["c"]) is None and sweep_prior(recs, []) is None
+
+
 def test_area_cut_is_exact():
     counts = np.array([0, 5, 10, 10, 40, 60, 0, 70], float)
     labels = np.array([0, 0, 1, 0, 1, 1, 0, 1], bool)
@@ -194,6 +204,12 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     cal = json.loads((tmp_path / "a/calibration.json").read_text())
     assert meta["config"]["pixel_threshold"] == cal["pixel_threshold"]
     assert meta["config"]["area_threshold"] == cal["area_threshold"]
+    # selection stored with the model: shape factor on, sweep prior = the training cases' annotated sweeps
+    train_uuids = set(json.loads((tmp_path / "a/split.json").read_text())["train"])
+    acs = [r.ac_mm for r in read_release(tiny) if r.uuid in train_uuids]
+    expect = [round(float(np.mean([a[k] is not None for a in acs])), 4) for k in range(6)]
+    assert meta["config"]["shape_power"] == 1.0 and meta["config"]["sweep_prior"] == expect
+    assert exported.config.sweep_prior == tuple(expect)
     prov = meta["provenance"]
     assert prov["training"]["encoder"] == "full" and prov["split"]["val_cases"] == 2
     assert (tmp_path / "a/model.tar.gz").stat().st_size > 0 and (tmp_path / "a/epochs.csv").exists()

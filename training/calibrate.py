@@ -87,6 +87,18 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
     return out
 
 
+def sweep_prior(records: list, uuids) -> tuple[float, ...] | None:
+    """Per protocol sweep, the fraction of the cases ``uuids`` (of ``records``) whose sweep
+    has a reference AC, i.e. holds an annotation: the selection's ``sweep_prior``. None
+    when no such case has 6 sweeps or no sweep is ever annotated."""
+    wanted = set(uuids)
+    rows = [r.ac_mm for r in records if r.uuid in wanted and len(r.ac_mm) == 6]
+    if not rows:
+        return None
+    freq = np.mean([[a is not None for a in ac] for ac in rows], axis=0)
+    return tuple(round(float(f), 4) for f in freq) if freq.max() > 0 else None
+
+
 def case_check(model: torch.nn.Module, records: list, cal: dict, *, device, progress: bool = True) -> dict:
     """Whole validation cases scored with the challenge metrics at the published and the
     calibrated thresholds: one exhaustive model pass per case (as ``analyse_stack``), both

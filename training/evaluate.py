@@ -12,7 +12,7 @@ pipeline's per-frame `good` (area above the calibrated thresholds); AUROC ranks 
 the pipeline's quality score. Case level: `fetaliqa.metrics.score_case` on the chosen frame
 and mask (WFSS, soft Dice, NAE of the AC), aggregated as the challenge does.
 --compare replays other selection rules (RULES) on the same model outputs: the measured basis
-of the defaults (temporal window, mask vs ellipse, the fast search).
+of the defaults (temporal window, mask vs ellipse, shape factor, sweep prior, the fast search).
 """
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ RULES: dict[str, dict] = {
     "window 3": {"temporal_window": 3},
     "ellipse mask": {"ellipse_mask": True},
     "largest area": {"rule": "largest_area"},
+    "no shape factor": {"shape_power": 0.0},
+    "shape power 2": {"shape_power": 2.0},
+    "no sweep prior": {"sweep_prior": None},
+    "plain score (no shape, no prior)": {"shape_power": 0.0, "sweep_prior": None},
     "published thresholds (0.5 / 1 %)": dict(PUBLISHED_THRESHOLDS),
 }
 

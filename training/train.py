@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) after this many optimiser steps")
     o.add_argument("--select-metric", choices=["f1", "loss", "dice"], default="f1",
                    help="best checkpoint: validation F1 over the threshold grid, validation loss or Dice")
+    s = p.add_argument_group("selection (stored in the exported model)")
+    s.add_argument("--shape-power", type=float, default=1.0,
+                   help="rank frames by quality score x shape ** this (roundness x ellipse fill of the "
+                        "foreground; 0: off)")
+    s.add_argument("--sweep-prior", choices=["train", "none"], default="train",
+                   help="train: weight each protocol sweep by how often it holds an annotation in the "
+                        "training cases (6-sweep stacks; needs --data); none: every sweep alike")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -191,11 +198,17 @@ def json_safe(obj):
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, with "-dirty" when the code that makes a model
+    (fetaliqa/, training/) has uncommitted changes; None outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,  # noqa: E731
+                                        cwd=repo).stdout.strip()
+        head = run("rev-parse", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "fetaliqa", "training")
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("-dirty" if dirty else "")) or None
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -658,7 +671,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
 
 def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
     """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
-    from .calibrate import calibrate_model, case_check
+    from .calibrate import calibrate_model, case_check, sweep_prior
 
     best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
     load_trainable_state(model, best["model"])
@@ -666,8 +679,12 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     val_rows = cache.rows_of(split.val)
     cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress)
+    prior = sweep_prior(records, split.train) if args.sweep_prior == "train" else None
+    if args.sweep_prior == "train" and prior is None:
+        print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"])
+                                       area_threshold=cal["area_threshold"], shape_power=args.shape_power,
+                                       sweep_prior=prior)
     checks = {}
     if args.case_check and records:
         by_uuid = {r.uuid: r for r in records}

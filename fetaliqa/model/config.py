@@ -87,6 +87,12 @@ class ModelConfig:
     select_by: head that ranks frames when both exist ("seg" or "cls").
     temporal_window: frames on each side (same sweep) that support a frame's quality score.
     ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
+    shape_power: the quality score is multiplied by the foreground's shape statistic
+        (roundness x ellipse fill, ``fetaliqa.select.shape_from_moments``) to this power;
+        0 = off (the published-style rule).
+    sweep_prior: six weights, one per protocol sweep, multiplying the quality score of a
+        6-sweep stack's frames (training stores how often each sweep held an annotation in
+        its training cases); None = off.
     geometry: the open_clip model config (embed_dim, vision_cfg, ...); None -> looked up
         from the registry by ``backbone`` (filled in on export).
     """
@@ -107,6 +113,8 @@ class ModelConfig:
     select_by: str = "seg"
     temporal_window: int = 2
     ellipse_mask: bool = False
+    shape_power: float = 0.0
+    sweep_prior: tuple[float, ...] | None = None
     geometry: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +125,12 @@ class ModelConfig:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
         if self.select_by not in HEADS:
             raise ValueError(f"select_by must be one of {HEADS}, got {self.select_by!r}")
+        if not self.shape_power >= 0:
+            raise ValueError(f"shape_power must be >= 0, got {self.shape_power!r}")
+        if self.sweep_prior is not None:
+            self.sweep_prior = tuple(float(w) for w in self.sweep_prior)
+            if len(self.sweep_prior) != 6 or not all(w >= 0 for w in self.sweep_prior) or not max(self.sweep_prior) > 0:
+                raise ValueError(f"sweep_prior must be 6 non-negative weights, not all 0, got {self.sweep_prior!r}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings.from_dict(self.lora)
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -157,8 +171,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["lora"] = self.lora.to_dict()
-        for k in ("heads", "taps", "mean", "std"):
-            d[k] = list(d[k])
+        for k in ("heads", "taps", "mean", "std", "sweep_prior"):
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
