@@ -9,7 +9,7 @@ a subset, then refine around the best.
 
 Searches: "exhaustive" scores every frame with signal; "fast" (``fast_search``) scores
 every ``stride``-th frame of each sweep (halving the stride while no frame is good), then
-refines around the best frame of each sweep that can win (a pattern search by default,
+refines around the best few frames of each sweep that can win (a pattern search by default,
 or every frame nearby), then walks until the chosen frame's temporal
 neighbourhood is scored, so its score (which takes support from +-temporal_window
 neighbours) is the one the exhaustive pass gives it.
@@ -52,7 +52,8 @@ class FastSearch:
     per_sweep: best coarse frames of each sweep refined.
     radius: frames scored on each side of a refined candidate (None: stride // 2).
     gate: refine only candidates that are good and score >= gate x the best good score
-        (0, or no good frame at all: refine every sweep's candidates).
+        (0, or no good frame at all: refine every sweep's candidates); with the config's
+        ``choose_from="all"`` every scored frame counts as good here.
     settle: the chosen frame's +-settle neighbours must be scored before the search stops
         (None: 2 x temporal_window, at least 1: the chosen frame's score and its
         neighbours' scores are then exact).
@@ -63,9 +64,9 @@ class FastSearch:
 
     stride: int = 16
     min_stride: int = 4
-    per_sweep: int = 1
+    per_sweep: int = 4
     radius: int | None = None
-    gate: float = 0.01
+    gate: float = 0.5
     settle: int | None = None
     refine: str = "climb"
 
@@ -155,6 +156,14 @@ class FrameScorer:
                             shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
         return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
 
+    def ranking(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``scores_and_good`` as the frame choice ranks it: with ``choose_from="all"`` every
+        scored frame counts as good, so the score alone orders them."""
+        scores, good, tiebreak = self.scores_and_good()
+        if self.cfg.choose_from == "all":
+            good = np.isfinite(scores)
+        return scores, good, tiebreak
+
     def seg_prob(self, frame: int) -> torch.Tensor:
         """(S, S) float32 SEG probability map of one frame (CPU)."""
         _, frames = next(iter_frame_batches(self.stack, [frame], 1, self.device))
@@ -218,7 +227,7 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
     while stride // 2 >= params.min_stride and not np.any(scorer.scores_and_good()[1]):  # nothing good yet
         stride //= 2
         score(coarse_frames(signal, fps, stride))
-    cands = sweep_candidates(*scorer.scores_and_good(), fps, params.per_sweep, params.gate)
+    cands = sweep_candidates(*scorer.ranking(), fps, params.per_sweep, params.gate)
     if cands and params.refine == "dense":
         score(np.unique(np.concatenate([neighbourhood(c, radius, fps, n) for c in cands])))
     for c in cands if params.refine == "climb" else ():
@@ -227,11 +236,11 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
             near = neighbourhood(c, step, fps, n)
             side = near[(near == c - step) | (near == c + step)]
             score(side)
-            side = side[np.isfinite(scorer.scores_and_good()[0][side])]
-            c = best_of(*scorer.scores_and_good(), np.concatenate([[c], side]).astype(int))
+            side = side[np.isfinite(scorer.ranking()[0][side])]
+            c = best_of(*scorer.ranking(), np.concatenate([[c], side]).astype(int))
             step //= 2
     while True:  # settle: each pass scores at least one new frame, so this ends
-        frame = choose_frame(*scorer.scores_and_good())
+        frame = choose_frame(*scorer.ranking())
         if frame < 0:
             return
         near = neighbourhood(frame, settle, fps, n)
@@ -320,8 +329,8 @@ def conclude(scorer: FrameScorer, fov: np.ndarray | None = None) -> Analysis:
     """The Analysis of whatever ``scorer`` has scored: choose the frame, build its mask on the
     native grid (timings "select" and "mask"). fov as in ``analyse_stack``."""
     t = time.perf_counter()
-    scores, good, tiebreak = scorer.scores_and_good()
-    frame = choose_frame(scores, good, tiebreak)
+    scores, good, _ = scorer.scores_and_good()
+    frame = choose_frame(*scorer.ranking())
     timings = {"select": time.perf_counter() - t}
     t = time.perf_counter()
     mask = native_mask(scorer, frame, fov)

@@ -143,6 +143,25 @@ def test_replay_under_other_thresholds_equals_a_run_with_them():
         ReplayScorer(full, config=dataclasses.replace(model.config, pixel_threshold=0.7))
 
 
+def test_choose_from_all_ranks_every_frame_by_score():
+    """choose_from="good": a good frame beats any frame below the area cut; "all": the best
+    score wins (here a run just below the cut in a sweep the prior favours), and the frames
+    keep their per-frame decision either way."""
+    from fetaliqa.pipeline import conclude
+
+    st, peak = _case(3)
+    signal = st.reshape(len(st), -1).max(1) > 0
+    kw = dict(area_threshold=0.1, sweep_prior=(0.05, 0.05, 0.05, 0.05, 1.0, 0.05))  # sweep-5 run: not good
+    runs = {}
+    for choose in ("good", "all"):
+        sc = FrameScorer(st, BrightIsAbdomen(choose_from=choose, **kw), batch_size=16, progress=False)
+        sc.score(np.flatnonzero(signal))
+        runs[choose] = conclude(sc)
+    assert runs["good"].frame == peak and runs["good"].good[peak]
+    assert 170 <= runs["all"].frame <= 175 and not runs["all"].good[runs["all"].frame]
+    np.testing.assert_array_equal(runs["good"].good, runs["all"].good)
+
+
 def test_batchnorm_folding_keeps_outputs_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8)).eval()

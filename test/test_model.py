@@ -52,7 +52,7 @@ def test_taps_select_blocks():
 
 
 def test_config_round_trip():
-    cfg = ModelConfig(heads=("seg", "cls"), encoder_mode="lora", pixel_threshold=0.4, shape_power=1.5,
+    cfg = ModelConfig(heads=("seg", "cls"), encoder_mode="lora", pixel_threshold=0.4, choose_from="all", shape_power=1.5,
                       sweep_prior=(0.8, 0.4, 0.3, 0.1, 0.2, 0.0), **SMALL).with_geometry()
     d = json.loads(json.dumps(cfg.to_dict()))
     assert ModelConfig.from_dict(d) == cfg
@@ -60,6 +60,8 @@ def test_config_round_trip():
     for bad in ([1, 1, 1], [0] * 6, [1, 1, 1, 1, 1, -1]):
         with pytest.raises(ValueError, match="sweep_prior"):
             ModelConfig.from_dict({**d, "sweep_prior": bad})
+    with pytest.raises(ValueError, match="choose_from"):
+        ModelConfig.from_dict({**d, "choose_from": "best"})
     with pytest.raises(ValueError, match="shape_power"):
         ModelConfig.from_dict({**d, "shape_power": -1})
     with pytest.raises(ValueError, match="unknown model config keys"):

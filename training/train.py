@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--select-metric", choices=["f1", "loss", "dice"], default="f1",
                    help="best checkpoint: validation F1 over the threshold grid, validation loss or Dice")
     s = p.add_argument_group("selection (stored in the exported model)")
+    s.add_argument("--choose-from", choices=["good", "all"], default="all",
+                   help="the case's frame: the best-scoring frame of all (all) or of the good ones (good)")
     s.add_argument("--shape-power", type=float, default=1.0,
                    help="rank frames by quality score x shape ** this (roundness x ellipse fill of the "
                         "foreground; 0: off)")
@@ -683,7 +685,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     if args.sweep_prior == "train" and prior is None:
         print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], shape_power=args.shape_power,
+                                       area_threshold=cal["area_threshold"], choose_from=args.choose_from,
+                                       shape_power=args.shape_power,
                                        sweep_prior=prior)
     checks = {}
     if args.case_check and records:

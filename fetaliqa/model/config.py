@@ -33,6 +33,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEADS = ("seg", "cls")
 ENCODER_MODES = ("frozen", "lora")
+CHOOSE_FROM = ("good", "all")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class ModelConfig:
     select_by: head that ranks frames when both exist ("seg" or "cls").
     temporal_window: frames on each side (same sweep) that support a frame's quality score.
     ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
+    choose_from: "good": the case's frame is the best-scoring good frame (the best-scoring
+        frame only when none is good); "all": the best-scoring frame, good or not (the
+        decision then only labels frames).
     shape_power: the quality score is multiplied by the foreground's shape statistic
         (roundness x ellipse fill, ``fetaliqa.select.shape_from_moments``) to this power;
         0 = off (the published-style rule).
@@ -113,6 +117,7 @@ class ModelConfig:
     select_by: str = "seg"
     temporal_window: int = 2
     ellipse_mask: bool = False
+    choose_from: str = "good"
     shape_power: float = 0.0
     sweep_prior: tuple[float, ...] | None = None
     geometry: dict[str, Any] | None = None
@@ -125,6 +130,8 @@ class ModelConfig:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
         if self.select_by not in HEADS:
             raise ValueError(f"select_by must be one of {HEADS}, got {self.select_by!r}")
+        if self.choose_from not in CHOOSE_FROM:
+            raise ValueError(f"choose_from must be one of {CHOOSE_FROM}, got {self.choose_from!r}")
         if not self.shape_power >= 0:
             raise ValueError(f"shape_power must be >= 0, got {self.shape_power!r}")
         if self.sweep_prior is not None:
