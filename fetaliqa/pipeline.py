@@ -9,7 +9,7 @@ a subset, then refine around the best.
 
 Searches: "exhaustive" scores every frame with signal; "fast" (``fast_search``) scores
 every ``stride``-th frame of each sweep (halving the stride while no frame is good), then
-refines around the best few frames of each sweep that can win (a pattern search by default,
+refines around the best few coarse frames that can win (a pattern search by default,
 or every frame nearby), then walks until the chosen frame's temporal
 neighbourhood is scored, so its score (which takes support from +-temporal_window
 neighbours) is the one the exhaustive pass gives it.
@@ -50,6 +50,8 @@ class FastSearch:
         min_stride) while no scored frame is good: an abdomen run can fall between coarse
         frames, and a stack with no abdomen at all should not cost an exhaustive pass.
     per_sweep: best coarse frames of each sweep refined.
+    max_candidates: at most this many candidates refined in all, best first (None: no
+        cap): bounds the cost when many sweeps look alike (e.g. nothing is good).
     radius: frames scored on each side of a refined candidate (None: stride // 2).
     gate: refine only candidates that are good and score >= gate x the best good score
         (0, or no good frame at all: refine every sweep's candidates); with the config's
@@ -64,9 +66,10 @@ class FastSearch:
 
     stride: int = 16
     min_stride: int = 4
-    per_sweep: int = 4
+    per_sweep: int = 6
+    max_candidates: int | None = 6
     radius: int | None = None
-    gate: float = 0.5
+    gate: float = 0.3
     settle: int | None = None
     refine: str = "climb"
 
@@ -227,7 +230,7 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
     while stride // 2 >= params.min_stride and not np.any(scorer.scores_and_good()[1]):  # nothing good yet
         stride //= 2
         score(coarse_frames(signal, fps, stride))
-    cands = sweep_candidates(*scorer.ranking(), fps, params.per_sweep, params.gate)
+    cands = sweep_candidates(*scorer.ranking(), fps, params.per_sweep, params.gate)[:params.max_candidates]
     if cands and params.refine == "dense":
         score(np.unique(np.concatenate([neighbourhood(c, radius, fps, n) for c in cands])))
     for c in cands if params.refine == "climb" else ():

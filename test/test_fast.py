@@ -92,6 +92,15 @@ def test_fast_picks_exhaustive_frame_with_a_fraction_of_the_frames():
     climb = FrameScorer(st, model, batch_size=8, progress=False)
     fast_search(climb, st.reshape(len(st), -1).max(1) > 0, FastSearch(stride=16, radius=8, refine="climb"))
     assert choose_frame(*climb.scores_and_good()) == peak and climb.n_scored < sc.n_scored, climb.n_scored
+    # a cap on the candidates refined in all bounds the cost; the best candidate is refined first
+    sig = st.reshape(len(st), -1).max(1) > 0
+    counts = {}
+    for cap in (None, 1):
+        capped = FrameScorer(st, model, batch_size=8, progress=False)
+        fast_search(capped, sig, FastSearch(per_sweep=3, gate=0.0, max_candidates=cap))
+        assert choose_frame(*capped.scores_and_good()) == peak
+        counts[cap] = capped.n_scored
+    assert counts[1] < counts[None], counts
     with pytest.raises(ValueError, match="refine"):
         FastSearch(refine="sparse")
 

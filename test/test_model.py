@@ -52,8 +52,8 @@ def test_taps_select_blocks():
 
 
 def test_config_round_trip():
-    cfg = ModelConfig(heads=("seg", "cls"), encoder_mode="lora", pixel_threshold=0.4, choose_from="all", shape_power=1.5,
-                      sweep_prior=(0.8, 0.4, 0.3, 0.1, 0.2, 0.0), **SMALL).with_geometry()
+    cfg = ModelConfig(heads=("seg", "cls"), encoder_mode="lora", pixel_threshold=0.4, choose_from="all",
+                      shape_power=1.5, sweep_prior=(0.8, 0.4, 0.3, 0.1, 0.2, 0.0), **SMALL).with_geometry()
     d = json.loads(json.dumps(cfg.to_dict()))
     assert ModelConfig.from_dict(d) == cfg
     assert ModelConfig.from_dict({**d, "sweep_prior": None}).sweep_prior is None
