@@ -134,6 +134,12 @@ def test_augmentation_keeps_frame_and_mask_aligned():
     assert (f3[m3 == 1].mean() > f3[(m3 == 0) & (f3 > 0)].mean() + 50)
 
 
+def test_bad_selection_option_fails_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--shape-power", "-1"])
+    assert "--shape-power must be >= 0" in capsys.readouterr().err
+
+
 def test_sweep_prior_counts_annotated_sweeps_of_the_given_cases():
     from training.calibrate import sweep_prior
     from training.data import CaseRecord

@@ -150,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None and args.cache is None:
         parser.error("give --data (release layout) or --cache (an existing frame cache)")
+    if not args.shape_power >= 0:  # checked here, not at export after the whole run
+        parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
     return args
 
 
