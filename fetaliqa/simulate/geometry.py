@@ -247,6 +247,25 @@ def _cuts_landmarks(sc: _Scene, o: np.ndarray, n: np.ndarray) -> np.ndarray:
     return (np.abs(dist(c)) < half) & (np.sign(d0) != np.sign(d1))
 
 
+def _axis_level(sc: _Scene, o: np.ndarray, n: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """(F,) distance (mm) from where each plane crosses the fetal axis to the stomach level;
+    inf where not ``ok`` (planes too oblique to cross it meaningfully)."""
+    un = n @ sc.u
+    level = np.full(len(o), np.inf)
+    level[ok] = np.abs(np.sum((o - sc.c) * n, 1)[ok] / un[ok])
+    return level
+
+
+def _fraction_in_fan(sc: _Scene, o, e_h, e_d, frames: np.ndarray) -> np.ndarray:
+    """(F,) fraction of the trunk cross-section inside the fan for the given frames (0 elsewhere)."""
+    A, b = _section_maps(sc, o, e_h, e_d)
+    inside = np.zeros(len(o))
+    for i in frames:
+        hd = np.linalg.solve(A[i], (_DISK - b[i]).T)       # disk -> section in the image plane
+        inside[i] = np.mean(_in_fan_mm(hd[0], hd[1]))
+    return inside
+
+
 def near_misses(plan: "_Plan", level: float = 0.6, angle_deg: float = 60.0, inside_min: float = 0.5) -> np.ndarray:
     """(F,) bool: unannotated frames in contact that still show a transverse trunk section
     (plane within ``angle_deg`` of transverse, crossing the axis within ``level`` x radius of
@@ -254,30 +273,19 @@ def near_misses(plan: "_Plan", level: float = 0.6, angle_deg: float = 60.0, insi
     like the annotated ones to a model that cannot resolve the plane's level or tilt."""
     sc, o, e_h, e_d = plan.scene, plan.origin, plan.e_h, plan.e_d
     n = np.cross(e_h, e_d)
-    un = n @ sc.u
-    ok = np.abs(un) >= math.cos(angle_deg * math.pi / 180)
-    lev = np.full(len(o), np.inf)
-    lev[ok] = np.abs(np.sum((o - sc.c) * n, 1)[ok] / un[ok])
-    A, b = _section_maps(sc, o, e_h, e_d)
+    lev = _axis_level(sc, o, n, np.abs(n @ sc.u) >= math.cos(angle_deg * math.pi / 180))
+    cand = np.nonzero((plan.labels == 0) & (plan.contact >= 0.5) & (lev <= level * sc.r))[0]
     out = np.zeros(len(o), bool)
-    for i in np.nonzero((plan.labels == 0) & (plan.contact >= 0.5) & (lev <= level * sc.r))[0]:
-        hd = np.linalg.solve(A[i], (_DISK - b[i]).T)
-        out[i] = np.mean(_in_fan_mm(hd[0], hd[1])) >= inside_min
+    out[cand] = _fraction_in_fan(sc, o, e_h, e_d, cand)[cand] >= inside_min
     return out
 
 
 def _labels(sc: _Scene, o, e_h, e_d, contact, cfg: SimConfig) -> np.ndarray:
     n = np.cross(e_h, e_d)
-    un = n @ sc.u
-    cosb = np.abs(un)
-    level = np.full(len(o), np.inf)
+    cosb = np.abs(n @ sc.u)
     ok = cosb > 0.3
-    level[ok] = np.abs(np.sum((o - sc.c) * n, 1)[ok] / un[ok])      # where the plane crosses the axis
-    A, b = _section_maps(sc, o, e_h, e_d)
-    inside = np.zeros(len(o))
-    for i in np.nonzero(ok & (level <= cfg.sub_level * sc.r))[0]:
-        hd = np.linalg.solve(A[i], (_DISK - b[i]).T)       # disk -> section in the image plane
-        inside[i] = np.mean(_in_fan_mm(hd[0], hd[1]))
+    level = _axis_level(sc, o, n, ok)                                # where the plane crosses the axis
+    inside = _fraction_in_fan(sc, o, e_h, e_d, np.nonzero(ok & (level <= cfg.sub_level * sc.r))[0])
     r = sc.r
     deg = math.pi / 180
     opt_geom = (cosb >= math.cos(cfg.opt_angle_deg * deg)) & (level <= cfg.opt_level * r) \
