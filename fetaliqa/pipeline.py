@@ -159,10 +159,10 @@ class FrameScorer:
                             shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
         return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
 
-    def ranking(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``scores_and_good`` as the frame choice ranks it: with ``choose_from="all"`` every
-        scored frame counts as good, so the score alone orders them."""
-        scores, good, tiebreak = self.scores_and_good()
+    def ranking(self, scores_and_good: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``scores_and_good`` (computed here unless given) as the frame choice ranks it: with
+        ``choose_from="all"`` every scored frame counts as good, so the score alone orders them."""
+        scores, good, tiebreak = self.scores_and_good() if scores_and_good is None else scores_and_good
         if self.cfg.choose_from == "all":
             good = np.isfinite(scores)
         return scores, good, tiebreak
@@ -239,8 +239,9 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
             near = neighbourhood(c, step, fps, n)
             side = near[(near == c - step) | (near == c + step)]
             score(side)
-            side = side[np.isfinite(scorer.ranking()[0][side])]
-            c = best_of(*scorer.ranking(), np.concatenate([[c], side]).astype(int))
+            ranked = scorer.ranking()
+            side = side[np.isfinite(ranked[0][side])]
+            c = best_of(*ranked, np.concatenate([[c], side]).astype(int))
             step //= 2
     while True:  # settle: each pass scores at least one new frame, so this ends
         frame = choose_frame(*scorer.ranking())
@@ -332,8 +333,9 @@ def conclude(scorer: FrameScorer, fov: np.ndarray | None = None) -> Analysis:
     """The Analysis of whatever ``scorer`` has scored: choose the frame, build its mask on the
     native grid (timings "select" and "mask"). fov as in ``analyse_stack``."""
     t = time.perf_counter()
-    scores, good, _ = scorer.scores_and_good()
-    frame = choose_frame(*scorer.ranking())
+    scored = scorer.scores_and_good()
+    scores, good = scored[0], scored[1]
+    frame = choose_frame(*scorer.ranking(scored))
     timings = {"select": time.perf_counter() - t}
     t = time.perf_counter()
     mask = native_mask(scorer, frame, fov)
