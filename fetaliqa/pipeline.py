@@ -157,6 +157,8 @@ class FrameScorer:
             return p.copy(), np.nan_to_num(p, nan=-1.0) >= cfg.cls_threshold, None
         scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)),
                             shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
+        if cfg.score_threshold is not None:
+            return scores, np.nan_to_num(scores, nan=-1.0) >= cfg.score_threshold, self.peak
         return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
 
     def ranking(self, scores_and_good: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

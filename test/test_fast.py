@@ -171,6 +171,31 @@ def test_choose_from_all_ranks_every_frame_by_score():
     np.testing.assert_array_equal(runs["good"].good, runs["all"].good)
 
 
+def test_good_by_score_threshold_labels_frames_by_quality_score():
+    """With score_threshold set a frame is good when its quality score (sweep prior
+    included) reaches it, whatever its area; the choice (choose_from="all") is unchanged."""
+    import dataclasses
+
+    from fetaliqa.pipeline import conclude
+
+    st, peak = _case(3)
+    signal = st.reshape(len(st), -1).max(1) > 0
+    kw = dict(area_threshold=0.1, choose_from="all", sweep_prior=(0.05, 0.05, 0.05, 0.05, 1.0, 0.05))
+    by_area = FrameScorer(st, BrightIsAbdomen(**kw), batch_size=16, progress=False)
+    by_area.score(np.flatnonzero(signal))
+    a = conclude(by_area)
+    cut = float(np.nanmax(a.scores)) / 2
+    by_score = ReplayScorer(by_area, config=dataclasses.replace(by_area.cfg, score_threshold=cut))
+    by_score.score(np.flatnonzero(signal))
+    b = conclude(by_score)
+    assert a.frame == b.frame and np.array_equal(a.scores, b.scores, equal_nan=True)
+    np.testing.assert_array_equal(b.good, np.nan_to_num(b.scores, nan=-1) >= cut)
+    assert b.good[b.frame] and not a.good[a.frame]  # the sweep-5 run: below the area cut, best score
+    # by area: the large disks of sweep 3; by score: the prior demotes them below the sweep-5 run
+    assert set(np.flatnonzero(a.good)) <= set(range(93, 106)) and set(np.flatnonzero(b.good)) <= set(range(170, 176))
+    assert a.good.any() and b.good.sum() >= 2
+
+
 def test_batchnorm_folding_keeps_outputs_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8)).eval()

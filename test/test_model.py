@@ -64,6 +64,10 @@ def test_config_round_trip():
         ModelConfig.from_dict({**d, "choose_from": "best"})
     with pytest.raises(ValueError, match="shape_power"):
         ModelConfig.from_dict({**d, "shape_power": -1})
+    assert cfg.score_threshold is None and ModelConfig.from_dict({**d, "score_threshold": 0.02}).score_threshold == 0.02
+    for bad in (0, -0.1):
+        with pytest.raises(ValueError, match="score_threshold"):
+            ModelConfig.from_dict({**d, "score_threshold": bad})
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**d, "bogus": 1})
 

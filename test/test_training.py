@@ -24,7 +24,7 @@ from fetaliqa.preprocess import masks_to_square, normalize, pad_resize  # noqa: 
 from training import train as T  # noqa: E402
 from training.augment import AugmentConfig, augment_batch  # noqa: E402
 from training.cache import CacheConfig, FrameCache, build_cache  # noqa: E402
-from training.calibrate import best_area_cut  # noqa: E402
+from training.calibrate import best_area_cut, best_cut, calibrate_score_threshold, case_scores  # noqa: E402
 from training.data import DataError, frame_labels, load_case, read_release  # noqa: E402
 from training.splits import Split, make_split  # noqa: E402
 
@@ -156,6 +156,45 @@ def test_area_cut_is_exact():
     f1, area = best_area_cut(counts, labels)
     # cut at >= 10 keeps 5 frames with 4 positives: F1 = 8 / 9; midway to the next smaller count
     assert f1 == pytest.approx(8 / 9) and area == 7.5
+    assert best_area_cut(counts, np.zeros(8, bool)) == (0.0, 71.0)  # no positive: nothing is good
+
+
+def test_score_threshold_is_the_f1_best_cut_of_quality_scores():
+    scores = np.array([0.0, 0.002, 0.01, 0.01, 0.04, 0.06, np.nan, 0.07])
+    labels = np.array([0, 0, 1, 0, 1, 1, 1, 1], bool)
+    # >= 0.04: 3 frames, 3 of 5 positives (F1 6/8); >= 0.01: 5 frames, 4 positives (F1 8/10)
+    assert best_cut(np.nan_to_num(scores), labels, 1e-30) == (pytest.approx(0.8), pytest.approx(0.006))
+    cal = calibrate_score_threshold(scores, labels)  # nan (not scored) counts as 0: never good
+    assert cal["score_threshold"] == pytest.approx(0.006) and cal["f1"] == pytest.approx(0.8)
+    assert (cal["precision"], cal["recall"]) == (pytest.approx(0.8), pytest.approx(0.8))
+    only_zero = calibrate_score_threshold(np.zeros(4), np.array([1, 0, 0, 0], bool))
+    assert only_zero["score_threshold"] > 0 and only_zero["f1"] == 0.0  # a cut at 0 would pass every frame
+
+
+def test_case_scores_put_cached_frames_back_at_their_stack_positions():
+    """Calibration scores cached frames as the pipeline scores the whole stack: temporal
+    support within the sweep and the sweep prior, frames not cached counting as unscored."""
+    from fetaliqa.select import seg_scores
+    cfg = ModelConfig(backbone="fetalclip-small", shape_power=1.0, temporal_window=2,
+                      sweep_prior=(1.0, 0.5, 0.25, 0.1, 0.1, 0.05))
+    rng = np.random.default_rng(0)
+    fps = 5
+    full = {k: rng.random(30).astype(np.float32) for k in ("area", "mean_fg", "shape")}
+    keep = np.r_[0:5, 10:15, 25:30]  # case 7: sweeps 1, 3 and 6 cached (published selection)
+    other = {k: rng.random(30).astype(np.float32) for k in full}  # case 2: the whole stack
+    stats = {k: np.r_[other[k], full[k][keep]] for k in full}
+    case, frame = np.r_[np.full(30, 2), np.full(15, 7)], np.r_[np.arange(30), keep]
+    got = case_scores(cfg, stats, case, frame, {2: fps, 7: fps})
+    sparse = {k: np.where(np.isin(np.arange(30), keep), v, np.nan) for k, v in full.items()}
+    want_2 = seg_scores(other["area"], other["mean_fg"], 2, fps, shape=other["shape"], shape_power=1.0,
+                        sweep_prior=cfg.sweep_prior)
+    want_7 = seg_scores(sparse["area"], sparse["mean_fg"], 2, fps, shape=sparse["shape"], shape_power=1.0,
+                        sweep_prior=cfg.sweep_prior)[keep]
+    np.testing.assert_allclose(got[:30], want_2, rtol=1e-6)
+    np.testing.assert_allclose(got[30:], want_7, rtol=1e-6)
+    # frame 14, the last of sweep 3: support from frames 12-14 only (the window stops at the sweep's end)
+    raw = sparse["area"] * sparse["mean_fg"] * sparse["shape"]
+    assert got[39] == pytest.approx(0.25 * (raw[14] + raw[12:15].mean()) / 2, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -210,6 +249,9 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     cal = json.loads((tmp_path / "a/calibration.json").read_text())
     assert meta["config"]["pixel_threshold"] == cal["pixel_threshold"]
     assert meta["config"]["area_threshold"] == cal["area_threshold"]
+    # the frame decision by quality score, its cut calibrated on the same validation frames
+    dec = cal["score_decision"]
+    assert meta["config"]["score_threshold"] == dec["score_threshold"] > 0 and 0 <= dec["f1"] <= 1
     # selection stored with the model: shape factor on, sweep prior = the training cases' annotated sweeps
     train_uuids = set(json.loads((tmp_path / "a/split.json").read_text())["train"])
     acs = [r.ac_mm for r in read_release(tiny) if r.uuid in train_uuids]
@@ -290,6 +332,27 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     assert "| selection rule |" in out and "| largest area |" in out
     rows = (tmp_path / "one/compare_per_case.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * len(evaluate.RULES) and rows[0].startswith("case,rule,frame")
+    fr = np.load(tmp_path / "one/frames.npz")  # per-frame statistics behind the frame metrics
+    assert len(fr["label"]) == 72 and list(fr["case"][[0, 36]]) == [0, 1] and fr["sweep"][35] == 5
+    lab, good = fr["label"] > 0, fr["good"]
+    f1 = 2 * (lab & good).sum() / max(1, lab.sum() + good.sum())
+    assert f1 == pytest.approx(one["frame"]["f1"])
+    assert np.array_equal(good, fr["area"] >= 0.05)  # good = area above the model's area threshold
+    assert "frame_area_rule" not in one
+    # a model deciding by quality score: good = q >= its cut; the area rule reported beside it.
+    # At pixel threshold 0.2 every pixel of this untrained model is foreground, so the score
+    # follows the sweep prior: only sweep 1 passes the cut, while every frame passes the area rule.
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["config"].update(pixel_threshold=0.2, sweep_prior=[1, 0.5, 0.25, 0.1, 0.1, 0.05], score_threshold=0.3)
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    assert evaluate.main([*common, "--out", str(tmp_path / "three")]) == 0
+    fr3, three = np.load(tmp_path / "three/frames.npz"), json.loads((tmp_path / "three/summary.json").read_text())
+    assert np.array_equal(fr3["good"], fr3["q"] >= 0.3) and set(fr3["sweep"][fr3["good"]]) == {0}
+    by_area = fr3["area"] >= 0.05
+    assert by_area.sum() > fr3["good"].sum() > 0
+    lab = fr3["label"] > 0
+    assert three["frame_area_rule"]["f1"] == pytest.approx(2 * (by_area & lab).sum() / (by_area.sum() + lab.sum()))
+    assert "frame decision by area alone" in capsys.readouterr().out
 
 
 def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):

@@ -32,24 +32,62 @@ def frame_f1_table(pred: np.ndarray, labels: np.ndarray) -> dict:
     return {"val_f1": f1, "val_precision": prec, "val_recall": rec}
 
 
-def best_area_cut(counts: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(best F1, area threshold in pixels) for "good = count >= threshold", threshold >= 1."""
-    labels = np.asarray(labels, bool)
+def best_cut(values: np.ndarray, labels: np.ndarray, minimum: float) -> tuple[float, float]:
+    """(best F1, threshold) for "good = value >= threshold" with threshold >= ``minimum``: the
+    cut is tried after each distinct value >= minimum (frames sorted by value) and put midway
+    between the chosen value and the next smaller one, for margin."""
+    values, labels = np.asarray(values, np.float64), np.asarray(labels, bool)
     n_pos = int(labels.sum())
     if n_pos == 0:
-        return 0.0, float(max(1, counts.max() + 1))
-    order = np.argsort(-counts, kind="stable")
-    c, lab = counts[order], labels[order]
+        return 0.0, float(max(minimum, values.max() + 1))  # above every frame: none is good
+    order = np.argsort(-values, kind="stable")
+    c, lab = values[order], labels[order]
     tp, fp = np.cumsum(lab), np.cumsum(~lab)
-    last = np.r_[c[1:] != c[:-1], True] & (c >= 1)  # cut after the last frame of each distinct count
+    last = np.r_[c[1:] != c[:-1], True] & (c >= minimum)  # cut after the last frame of each distinct value
     if not last.any():
-        return 0.0, 1.0
+        return 0.0, float(minimum)
     idx = np.flatnonzero(last)
     f1 = 2 * tp[idx] / (tp[idx] + fp[idx] + n_pos)
     j = int(np.argmax(f1))
     cut = float(c[idx[j]])
     below = c[idx[j] + 1] if idx[j] + 1 < len(c) else 0.0
-    return float(f1[j]), max(1.0, (cut + float(below)) / 2) if below < cut else cut
+    return float(f1[j]), max(float(minimum), (cut + float(below)) / 2) if below < cut else cut
+
+
+def best_area_cut(counts: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(best F1, area threshold in pixels) for "good = count >= threshold", threshold >= 1."""
+    return best_cut(counts, labels, 1.0)
+
+
+def case_scores(cfg, stats: dict[str, np.ndarray], case: np.ndarray, frame: np.ndarray,
+                frames_per_sweep: dict[int, int]) -> np.ndarray:
+    """The pipeline's quality score (``fetaliqa.select.seg_scores`` under ``cfg``) of cached
+    frames: per case, the frames are put back at their stack positions (6 x frames per sweep;
+    frames not cached are nan, as unscored frames at inference) so that the temporal support
+    and the sweep prior are those of the container. stats: per-frame "area", "mean_fg",
+    "shape" at cfg's pixel threshold; case, frame: the cache index columns."""
+    from fetaliqa.select import seg_scores
+
+    out = np.full(len(case), np.nan, np.float32)
+    for c in np.unique(case):
+        rows = np.flatnonzero(case == c)
+        fps = frames_per_sweep[int(c)]
+        full = {k: np.full(6 * fps, np.nan, np.float32) for k in ("area", "mean_fg", "shape")}
+        for k, a in full.items():
+            a[frame[rows]] = stats[k][rows]
+        sc = seg_scores(full["area"], full["mean_fg"], cfg.temporal_window, fps, shape=full["shape"],
+                        shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
+        out[rows] = sc[frame[rows]]
+    return out
+
+
+def calibrate_score_threshold(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """The quality-score cut maximising frame F1 (``ModelConfig.score_threshold``), with the
+    precision and recall it gives on these frames."""
+    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+    f1, cut = best_cut(scores, labels, float(np.finfo(np.float32).tiny))
+    m = frame_f1_table(scores >= cut, labels)
+    return {"score_threshold": cut, "f1": f1, "precision": m["val_precision"], "recall": m["val_recall"]}
 
 
 def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> dict:
@@ -64,15 +102,17 @@ def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> d
 
 
 def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, batch_size: int, amp,
-                    policy: str, progress: bool = True) -> dict:
+                    policy: str, progress: bool = True, selection: dict | None = None) -> dict:
     """Calibrate on cache rows; report frame metrics (fetaliqa.metrics) at the published and
-    the calibrated thresholds."""
+    the calibrated thresholds. selection: the exported config's selection fields
+    (shape_power, sweep_prior, ...); when given, also the quality-score cut of the frame
+    decision at the calibrated pixel threshold ("score_decision", ``score_threshold``)."""
     from fetaliqa.metrics import frame_metrics
 
     from .train import predict_rows
 
     pred = predict_rows(model, cache, rows, device=device, batch_size=batch_size, amp=amp, policy=policy,
-                        progress=progress)
+                        progress=progress, frame_stats=selection is not None)
     if pred["counts"] is None:  # CLS-only model: nothing to calibrate on masks
         return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
                 "f1": float("nan"), "frames": int(len(rows))}
@@ -84,6 +124,12 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
         m = frame_metrics(area, pred["labels"].astype(np.uint8), th["area_threshold"])
         out[name] = {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating))}
         out[name]["dice"] = float(pred["dice_by_pixel_threshold"][t_idx])
+    if selection is not None:
+        cfg = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"], **selection)
+        idx = cache.index[pred["rows"]]
+        fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
+        scores = case_scores(cfg, pred["stats"][cal["pixel_threshold"]], idx["case"], idx["frame"], fps)
+        out["score_decision"] = calibrate_score_threshold(scores, pred["labels"])
     return out
 
 

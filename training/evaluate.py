@@ -8,7 +8,8 @@ project's metrics: frame-level F1/precision/recall/AUROC and the challenge score
 Simulated cases use seeds `fetaliqa.simulate.case_seed(seed, i)`; when the model's
 provenance lists its training seeds, overlapping evaluation seeds are refused.
 Frame level: a frame is positive when it holds any annotation; the model's decision is the
-pipeline's per-frame `good` (area above the calibrated thresholds); AUROC ranks frames by
+pipeline's per-frame `good` (quality score above the calibrated cut, or for older models the
+area above the calibrated thresholds); AUROC ranks frames by
 the pipeline's quality score. Case level: `fetaliqa.metrics.score_case` on the chosen frame
 and mask (WFSS, soft Dice, NAE of the AC), aggregated as the challenge does.
 --compare replays other selection rules (RULES) on the same model outputs: the measured basis
@@ -104,12 +105,15 @@ def _evaluate_case(job) -> dict:
     full.score(np.flatnonzero(signal))
     a = conclude(full, fan)
     cs = score_case(gt, ac, a.frame, a.mask, frames_per_sweep=fps)
-    lab = gt.reshape(gt.shape[0], -1).max(1) > 0
+    lab_k = gt.reshape(gt.shape[0], -1).max(1)
+    lab = lab_k > 0
     row = {"case": name, "frame": a.frame, "frame_label": int(gt[a.frame].max()) if a.frame >= 0 else -1,
            "wfss": cs.wfss, "dice": cs.dice, "dice_soft": cs.dice_soft, "nae_ac": cs.nae_ac,
            "ac_pred_mm": cs.ac_pred_mm, "ac_ref_mm": cs.ac_ref_mm, "score": cs.score,
            "seconds": round(time.perf_counter() - t, 1)}
-    out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {}}
+    out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {},
+           "frames": {"label": lab_k.astype(np.uint8), "area": full.area, "mean_fg": full.mean_fg,
+                      "peak": full.peak, "shape": full.shape}}
     if not args.compare:
         return out
     probs: dict = {}
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames-per-sweep", type=int, default=140)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, help="write per_case.csv and summary.json here")
+    p.add_argument("--out", type=Path, help="write per_case.csv, summary.json and frames.npz (per-frame statistics) here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default; 1 with --workers)")
     p.add_argument("--workers", type=int, default=1, help="cases evaluated in parallel processes")
     p.add_argument("--compare", action="store_true",
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     cfg = model.config
     print(f"[evaluate] {args.model}: {cfg.backbone} f={cfg.decoder_width} pixel_threshold={cfg.pixel_threshold:.2f} "
-          f"area_threshold={cfg.area_threshold:.4f}", file=sys.stderr)
+          f"area_threshold={cfg.area_threshold:.4f}"
+          + (f" score_threshold={cfg.score_threshold:.4g}" if cfg.score_threshold is not None else ""), file=sys.stderr)
     if args.data is not None:
         from .data import read_release
         jobs = [(i, rec) for i, rec in enumerate(read_release(args.data)[:args.cases])]
@@ -204,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"]},
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
+    if cfg.score_threshold is not None:  # the area rule on the same frames, for comparison
+        area = np.concatenate([r["frames"]["area"] for r in results])
+        fm_area = frame_metrics((np.nan_to_num(area, nan=-1.0) >= cfg.area_threshold).astype(float), lab, 0.5)
+        summary["frame_area_rule"] = {k: fm_area[k] for k in ("f1", "precision", "recall", "specificity")}
     if args.compare:
         summary["compare"] = compare_table(results)
     print("\n| case | frame | label | WFSS | soft Dice | NAE | AC pred | AC ref | score |")
@@ -218,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {f['f1']:.3f} | {f['precision']:.3f} | {f['recall']:.3f} | {f['auroc']:.3f} | {c['wfss']:.3f} | "
           f"{c['dice_soft']:.3f} | {c['nae_ac']:.3f} | {c['score']:.3f} |")
+    if "frame_area_rule" in summary:
+        a = summary["frame_area_rule"]
+        print(f"frame decision by area alone (area >= {cfg.area_threshold:.4f}): F1 {a['f1']:.3f}, "
+              f"precision {a['precision']:.3f}, recall {a['recall']:.3f}")
     if args.compare:
         _print_compare(summary["compare"])
     if args.out:
@@ -228,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        write_frames(args.out / "frames.npz", results, model.config.pixel_threshold)
         if args.compare:  # one row per case and rule: which frame, what it scored, frames it cost
             with open(args.out / "compare_per_case.csv", "w", newline="") as fh:
                 w = csv.writer(fh)
@@ -239,6 +253,26 @@ def main(argv: list[str] | None = None) -> int:
                         w.writerow([r["row"]["case"], rule, v["frame"], v["label"], v["scored"], sc.wfss,
                                     sc.dice_soft, sc.nae_ac, sc.score])
     return 0
+
+
+def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> None:
+    """Per-frame model statistics of every case (for studying frame decisions offline):
+    case (index into ``cases``), frame, sweep, label (0/1/2), area, mean_fg, peak, shape (at the
+    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good."""
+    cols: dict[str, list] = {k: [] for k in ("case", "frame", "sweep", "label", "area", "mean_fg", "peak", "shape",
+                                             "q", "good")}
+    for i, r in enumerate(results):
+        f = r["frames"]
+        n = len(f["label"])
+        cols["case"].append(np.full(n, i, np.int32))
+        cols["frame"].append(np.arange(n, dtype=np.int32))
+        cols["sweep"].append(np.arange(n, dtype=np.int32) // max(1, n // 6))
+        for k in ("label", "area", "mean_fg", "peak", "shape"):
+            cols[k].append(np.asarray(f[k]))
+        cols["q"].append(np.asarray(r["q"], np.float32))
+        cols["good"].append(np.asarray(r["good"], bool))
+    np.savez_compressed(path, cases=np.array([r["row"]["case"] for r in results]),
+                        pixel_threshold=np.float32(pixel_threshold), **{k: np.concatenate(v) for k, v in cols.items()})
 
 
 def _print_compare(table: list[dict]) -> None:

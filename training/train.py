@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep-prior", choices=["train", "none"], default="train",
                    help="train: weight each protocol sweep by how often it holds an annotation in the "
                         "training cases (6-sweep stacks; needs --data); none: every sweep alike")
+    s.add_argument("--good-by", choices=["score", "area"], default="score",
+                   help="the per-frame decision: quality score (the ranking score, sweep prior and shape "
+                        "included) above a cut calibrated for validation F1, or the area rule alone")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -317,18 +320,25 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *, device: torch.device,
-                 batch_size: int, amp: torch.dtype | None, policy: str, progress: bool = False) -> dict:
+                 batch_size: int, amp: torch.dtype | None, policy: str, progress: bool = False,
+                 frame_stats: bool = False) -> dict:
     """Run the model over cache rows without augmentation. Returns per-frame arrays:
     counts (N, len(PIXEL_GRID)) pixels above each grid threshold, cls_prob (N,) or None,
-    labels (N,) bool, plus the mean loss and Dice statistics at each pixel threshold."""
+    labels (N,) bool, plus the mean loss and Dice statistics at each pixel threshold.
+    frame_stats: also "stats", {pixel threshold: {"area", "mean_fg", "shape"}} per frame
+    (``fetaliqa.select.frame_stats``, what the pipeline scores frames with), and "rows" (the
+    rows in the order of all the arrays: sorted)."""
+    from fetaliqa.select import frame_stats as stats_of
     model.eval()
     cfg = model.config
     counts, probs, labels, losses = [], [], [], []
+    stats = {t: {"area": [], "mean_fg": [], "shape": []} for t in PIXEL_GRID} if frame_stats else None
+    rows = np.sort(rows)  # sorted rows read the memmap sequentially
     grid = torch.tensor(PIXEL_GRID, device=device)
     inter = torch.zeros(len(PIXEL_GRID), dtype=torch.float64, device=device)
     psum, tsum = torch.zeros_like(inter), torch.zeros((), dtype=torch.float64, device=device)
     for s in tqdm(range(0, len(rows), batch_size), desc="validate", disable=not progress, leave=False):
-        r = np.sort(rows[s:s + batch_size])  # sorted rows read the memmap sequentially
+        r = rows[s:s + batch_size]
         fr = torch.from_numpy(np.asarray(cache.frames[r])).to(device)
         lm = torch.from_numpy(np.asarray(cache.masks[r])).to(device)
         lab = torch.from_numpy(cache.index["label"][r].astype(np.int64)).to(device)
@@ -343,6 +353,10 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
             inter += (above * seg_t).sum((0, 2, 3)).double()
             psum += above.sum((0, 2, 3)).double()
             tsum += seg_t.sum().double()
+            for t, d in (stats or {}).items():
+                st = stats_of(p, t)
+                for k, v in d.items():
+                    v.append(st[k].cpu().numpy())
         if "cls" in out:
             probs.append(torch.sigmoid(out["cls"].float()).cpu())
         labels.append(cls_t.bool().cpu())
@@ -351,7 +365,9 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
     return {"counts": torch.cat(counts).numpy() if counts else None,
             "cls_prob": torch.cat(probs).numpy() if probs else None,
             "labels": torch.cat(labels).numpy() if labels else np.zeros(0, bool),
-            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice}
+            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice, "rows": rows,
+            "stats": None if stats is None or not counts else
+            {t: {k: np.concatenate(v) for k, v in d.items()} for t, d in stats.items()}}
 
 
 def summarise_validation(pred: dict, cfg: ModelConfig, size: int) -> dict:
@@ -681,15 +697,16 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     load_trainable_state(model, best["model"])
     model.eval()
     val_rows = cache.rows_of(split.val)
-    cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
-                          policy=args.label_policy, progress=args.progress)
     prior = sweep_prior(records, split.train) if args.sweep_prior == "train" else None
     if args.sweep_prior == "train" and prior is None:
         print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
+    selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior}
+    cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
+                          policy=args.label_policy, progress=args.progress,
+                          selection=selection if args.good_by == "score" else None)
+    by_score = cal.get("score_decision", {}).get("score_threshold")
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], choose_from=args.choose_from,
-                                       shape_power=args.shape_power,
-                                       sweep_prior=prior)
+                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **selection)
     checks = {}
     if args.case_check and records:
         by_uuid = {r.uuid: r for r in records}
@@ -721,7 +738,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
             tar.add(f, arcname=f.name)
     print(f"[train] exported {', '.join(map(str, outs))} and {args.out / 'model.tar.gz'} "
           f"(pixel_threshold={cal['pixel_threshold']:.2f}, area_threshold={cal['area_threshold']:.4f}, "
-          f"val F1={cal['f1']:.3f})", file=sys.stderr)
+          f"val F1={cal['f1']:.3f}" + (f"; good by score >= {by_score:.3g}: val F1={cal['score_decision']['f1']:.3f}"
+                                       if by_score is not None else "") + ")", file=sys.stderr)
 
 
 if __name__ == "__main__":

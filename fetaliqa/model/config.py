@@ -84,6 +84,9 @@ class ModelConfig:
     pixel_threshold: sigmoid probability above which a 224x224 pixel is foreground.
     area_threshold: a frame is "good" when its foreground covers at least this fraction of
         the image_size x image_size pixels (1 % = 502 pixels at 224).
+    score_threshold: when set (> 0), a SEG frame is "good" when its quality score (the
+        ranking score: area x mean probability, shape factor, temporal support, sweep
+        prior) reaches it, instead of the area rule; training calibrates it on validation.
     cls_threshold: CLS probability at/above which a frame is "good".
     select_by: head that ranks frames when both exist ("seg" or "cls").
     temporal_window: frames on each side (same sweep) that support a frame's quality score.
@@ -120,6 +123,7 @@ class ModelConfig:
     choose_from: str = "good"
     shape_power: float = 0.0
     sweep_prior: tuple[float, ...] | None = None
+    score_threshold: float | None = None
     geometry: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +138,10 @@ class ModelConfig:
             raise ValueError(f"choose_from must be one of {CHOOSE_FROM}, got {self.choose_from!r}")
         if not self.shape_power >= 0:
             raise ValueError(f"shape_power must be >= 0, got {self.shape_power!r}")
+        if self.score_threshold is not None:
+            self.score_threshold = float(self.score_threshold)
+            if not self.score_threshold > 0:  # every unscored or empty frame scores 0
+                raise ValueError(f"score_threshold must be > 0 or None, got {self.score_threshold!r}")
         if self.sweep_prior is not None:
             self.sweep_prior = tuple(float(w) for w in self.sweep_prior)
             if len(self.sweep_prior) != 6 or not all(w >= 0 for w in self.sweep_prior) or not max(self.sweep_prior) > 0:
