@@ -171,6 +171,27 @@ def test_score_threshold_is_the_f1_best_cut_of_quality_scores():
     assert only_zero["score_threshold"] > 0 and only_zero["f1"] == 0.0  # a cut at 0 would pass every frame
 
 
+def test_validation_dice_over_all_frames_and_over_annotated_frames(cache112):
+    """A model marking every pixel: pooled Dice over all frames = 2T / (N S^2 + T), over the
+    annotated frames only = 2T / (P S^2 + T) (T annotated pixels, P annotated frames)."""
+    class Everything(torch.nn.Module):
+        config = ModelConfig(backbone="fetalclip-small")
+
+        def forward(self, x):
+            return {"seg": torch.full((x.shape[0], 1, *x.shape[2:]), 10.0)}
+
+    cache = cache112
+    rows = np.arange(len(cache.index))[::-1].copy()  # any order in; sorted out
+    pred = T.predict_rows(Everything(), cache, rows, device=torch.device("cpu"), batch_size=7, amp=None,
+                          policy="any", frame_stats=True)
+    masks = np.asarray(cache.masks[:]) > 0
+    t, n, p, s2 = masks.sum(), len(rows), int(cache.binary_labels().sum()), cache.size ** 2
+    assert p > 0 and np.array_equal(pred["rows"], np.sort(rows))
+    np.testing.assert_allclose(pred["dice_by_pixel_threshold"], 2 * t / (n * s2 + t))
+    np.testing.assert_allclose(pred["dice_on_positives_by_pixel_threshold"], 2 * t / (p * s2 + t))
+    assert np.all(pred["stats"][0.5]["area"] == 1.0) and np.all(pred["counts"] == s2)
+
+
 def test_case_scores_put_cached_frames_back_at_their_stack_positions():
     """Calibration scores cached frames as the pipeline scores the whole stack: temporal
     support within the sweep and the sweep prior, frames not cached counting as unscored."""
@@ -249,8 +270,12 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     cal = json.loads((tmp_path / "a/calibration.json").read_text())
     assert meta["config"]["pixel_threshold"] == cal["pixel_threshold"]
     assert meta["config"]["area_threshold"] == cal["area_threshold"]
-    # the frame decision by quality score, its cut calibrated on the same validation frames
+    # the frame decision by quality score, its cut calibrated on the same validation frames;
+    # the pixel threshold then serves the masks: best Dice on the annotated frames
     dec = cal["score_decision"]
+    best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
+    assert meta["config"]["pixel_threshold"] == best["pixel_threshold"]
+    assert meta["config"]["area_threshold"] == best["area_threshold"]
     assert meta["config"]["score_threshold"] == dec["score_threshold"] > 0 and 0 <= dec["f1"] <= 1
     # selection stored with the model: shape factor on, sweep prior = the training cases' annotated sweeps
     train_uuids = set(json.loads((tmp_path / "a/split.json").read_text())["train"])

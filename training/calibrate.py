@@ -5,6 +5,11 @@ above `pixel_threshold` (published: 0.5 and 1 %, set by hand). Here both are cho
 maximise frame-level F1 on the validation frames: for each pixel threshold of a grid the
 best area cut is found exactly (frames sorted by foreground area); the area threshold is
 put midway between the chosen cut and the next smaller observed area, for margin.
+
+With the frame decision by quality score (``--good-by score``, the default) the pixel
+threshold is chosen for the masks instead (best pooled Dice on the annotated validation
+frames: it binarises the output mask and defines the area in the score), and the decision
+is the F1-best cut of the quality score, computed as the container computes it.
 """
 from __future__ import annotations
 
@@ -104,9 +109,12 @@ def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> d
 def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, batch_size: int, amp,
                     policy: str, progress: bool = True, selection: dict | None = None) -> dict:
     """Calibrate on cache rows; report frame metrics (fetaliqa.metrics) at the published and
-    the calibrated thresholds. selection: the exported config's selection fields
-    (shape_power, sweep_prior, ...); when given, also the quality-score cut of the frame
-    decision at the calibrated pixel threshold ("score_decision", ``score_threshold``)."""
+    the calibrated thresholds. Without ``selection``: the pixel and area thresholds of the
+    best frame F1 (the area rule). selection: the exported config's selection fields
+    (shape_power, sweep_prior, ...); when given, the pixel threshold is the one whose masks
+    match the annotated frames best (pooled Dice; the grid's "mask_dice"), the area threshold
+    the best cut at it, and the frame decision the quality-score cut at it
+    ("score_decision", ``score_threshold``)."""
     from fetaliqa.metrics import frame_metrics
 
     from .train import predict_rows
@@ -117,6 +125,14 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
         return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
                 "f1": float("nan"), "frames": int(len(rows))}
     cal = calibrate_thresholds(pred["counts"], pred["labels"], cache.size)
+    dice_pos = np.asarray(pred["dice_on_positives_by_pixel_threshold"])
+    for g, d in zip(cal["grid"], dice_pos):
+        g["mask_dice"] = float(d)
+    if selection is not None and pred["labels"].any():
+        # the frame decision is the score cut below; the pixel threshold serves the mask (and
+        # the score's area): the best pooled Dice on the annotated validation frames
+        best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
+        cal = {**best, "grid": cal["grid"]}
     out = {**cal, "frames": int(len(rows)), "positives": int(pred["labels"].sum())}
     for name, th in (("published", PUBLISHED), ("calibrated", cal)):
         t_idx = PIXEL_GRID.index(th["pixel_threshold"])

@@ -324,7 +324,8 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
                  frame_stats: bool = False) -> dict:
     """Run the model over cache rows without augmentation. Returns per-frame arrays:
     counts (N, len(PIXEL_GRID)) pixels above each grid threshold, cls_prob (N,) or None,
-    labels (N,) bool, plus the mean loss and Dice statistics at each pixel threshold.
+    labels (N,) bool, plus the mean loss and the pooled Dice at each pixel threshold over all
+    frames and over the annotated frames only (mask quality, what the challenge measures).
     frame_stats: also "stats", {pixel threshold: {"area", "mean_fg", "shape"}} per frame
     (``fetaliqa.select.frame_stats``, what the pipeline scores frames with), and "rows" (the
     rows in the order of all the arrays: sorted)."""
@@ -337,6 +338,7 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
     grid = torch.tensor(PIXEL_GRID, device=device)
     inter = torch.zeros(len(PIXEL_GRID), dtype=torch.float64, device=device)
     psum, tsum = torch.zeros_like(inter), torch.zeros((), dtype=torch.float64, device=device)
+    psum_pos = torch.zeros_like(inter)  # predicted pixels on annotated frames only: mask quality
     for s in tqdm(range(0, len(rows), batch_size), desc="validate", disable=not progress, leave=False):
         r = rows[s:s + batch_size]
         fr = torch.from_numpy(np.asarray(cache.frames[r])).to(device)
@@ -352,6 +354,7 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
             counts.append(above.sum((2, 3)).cpu())
             inter += (above * seg_t).sum((0, 2, 3)).double()
             psum += above.sum((0, 2, 3)).double()
+            psum_pos += (above * cls_t[:, None, None, None].bool()).sum((0, 2, 3)).double()
             tsum += seg_t.sum().double()
             for t, d in (stats or {}).items():
                 st = stats_of(p, t)
@@ -362,10 +365,12 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
         labels.append(cls_t.bool().cpu())
     model.train()
     dice = ((2 * inter) / (psum + tsum).clamp_min(1)).cpu().numpy()
+    dice_pos = ((2 * inter) / (psum_pos + tsum).clamp_min(1)).cpu().numpy()
     return {"counts": torch.cat(counts).numpy() if counts else None,
             "cls_prob": torch.cat(probs).numpy() if probs else None,
             "labels": torch.cat(labels).numpy() if labels else np.zeros(0, bool),
-            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice, "rows": rows,
+            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice,
+            "dice_on_positives_by_pixel_threshold": dice_pos, "rows": rows,
             "stats": None if stats is None or not counts else
             {t: {k: np.concatenate(v) for k, v in d.items()} for t, d in stats.items()}}
 
