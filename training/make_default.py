@@ -1,6 +1,6 @@
 """Rebuild the embedded default model from scratch: simulate -> cache -> train -> calibrate -> export.
 
-    python -m training.make_default            # writes resources/model/ (about 30-40 min on 2 CPU cores)
+    python -m training.make_default            # writes resources/model/ (about 45 min on 2 CPU cores)
 
 Training cases are `fetaliqa.simulate.case_seed(SEED, i)` for i < CASES (default seed 1000);
 evaluation uses another seed (`python -m training.evaluate --seed 2026`), and the exported
@@ -62,10 +62,11 @@ def simulate_release(out: Path, cases: int, seed: int, frames_per_sweep: int, wo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.make_default", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=REPO / "runs" / "default", help="simulated data, cache and run")
-    p.add_argument("--cases", type=int, default=72)
+    p.add_argument("--cases", type=int, default=144)
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--frames-per-sweep", type=int, default=70,
-                   help="70 (half the real 140) gives more distinct cases per CPU minute; frames look the same")
+    p.add_argument("--frames-per-sweep", type=int, default=35,
+                   help="35 (a quarter of the real 140) gives more distinct fetuses per CPU minute; frames "
+                        "look the same")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--export-to", type=Path, default=REPO / "resources" / "model")
     p.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo, 1 thread each)")

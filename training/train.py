@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
     "published": {},
     # The embedded default: small geometry, encoder trained from scratch on simulated sweeps.
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=32,
-                        batch_size=8, lr=1e-3, loss="dice", neg_ratio=2.0, selection="all", warmup=0.05,
+                        batch_size=8, lr=1e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
                         val_max_frames=1500, val_every=4, case_check=2, num_workers=0, select_metric="f1"),
 }
 
