@@ -13,12 +13,13 @@ sagittal sweep shows the trunk lengthwise. sweep_prior (6 weights, one per proto
 cases; it applies to 6-sweep stacks only. shape_power 0 and no prior give the plain rule.
 Frames not scored (blank frames, or skipped by a coarse search) are nan and never chosen.
 A frame is good when its area fraction >= area_threshold, or, when the config has a
-score_threshold (calibrated in training), when its score >= score_threshold. The chosen frame is the best
-score among good frames; if none is good the best score anyway (ties and all-zero scores
-broken by the peak probability); -1 only when nothing was scored (no signal). A config
-with ``choose_from="all"`` takes the best score over all scored frames (the pipeline's
-``FrameScorer.ranking``): the score already weighs area and confidence, and a frame just
-below the area cut in a likely sweep should not lose to any good frame elsewhere.
+score_threshold (calibrated in training), when its score >= score_threshold. The chosen
+frame is the best score among good frames; if none is good the best score anyway (ties
+and all-zero scores broken by the peak probability); -1 only when nothing was scored (no
+signal). A config with ``choose_from="all"`` takes the best score over all scored frames
+(the pipeline's ``FrameScorer.ranking``): the score already weighs area and confidence, and
+a frame just below the area cut in a likely sweep should not lose to any good frame
+elsewhere.
 
 Coarse-to-fine search helpers (``coarse_frames``, ``sweep_candidates``, ``neighbourhood``)
 pick which frames to score; the driver is ``fetaliqa.pipeline.fast_search``.
