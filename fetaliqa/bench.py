@@ -363,9 +363,14 @@ def _simulated(seed: int, cases: int):
 
 
 def compare_search(args, device: torch.device) -> int:
+    with tempfile.TemporaryDirectory(prefix="fetaliqa-bench-") as td:  # a random model, when there is no default
+        return _compare_search(args, device, Path(td))
+
+
+def _compare_search(args, device: torch.device, tmp: Path) -> int:
     from .metrics import score_case
 
-    model_dir, label = default_model(Path(tempfile.mkdtemp(prefix="fetaliqa-bench-")), args.model)
+    model_dir, label = default_model(tmp, args.model)
     fingerprint = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
     out = args.out or Path("bench_results") / f"compare-search-seed{args.seed}"
     (out / "stats").mkdir(parents=True, exist_ok=True)
