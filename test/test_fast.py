@@ -178,7 +178,7 @@ def test_good_by_score_threshold_labels_frames_by_quality_score():
 
     from fetaliqa.pipeline import conclude
 
-    st, peak = _case(3)
+    st, _ = _case(3)
     signal = st.reshape(len(st), -1).max(1) > 0
     kw = dict(area_threshold=0.1, choose_from="all", sweep_prior=(0.05, 0.05, 0.05, 0.05, 1.0, 0.05))
     by_area = FrameScorer(st, BrightIsAbdomen(**kw), batch_size=16, progress=False)
