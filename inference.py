@@ -83,7 +83,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU only: int8 dynamic quantisation of the encoder's linear layers (about 1.4x "
                         "faster for FetalCLIP, smaller weights; or FETALIQA_INT8=1); see docs/bench.md")
     p.add_argument("--search", default="fast",
-                   help="frame search: fast (coarse-to-fine, about 115 of 840 frames; "
+                   help="frame search: fast (coarse-to-fine, about 120-160 of 840 frames; "
                         "default) or exhaustive (every frame); see docs/bench.md")
     p.add_argument("--extras", action="store_true",
                    help="also write scores, curve, AC and overlay to OUTPUT/extras "

@@ -113,12 +113,16 @@ class FrameScorer:
         self.batch_size, self.progress = max(1, int(batch_size)), progress
         self.amp = amp and self.device.type == "cuda"  # fp16 autocast only where it pays (T4 has no bf16)
         n = stack.shape[0]
-        self.area, self.mean_fg, self.peak, self.shape, self.cls_prob = (np.full(n, np.nan, np.float32)
-                                                                         for _ in range(5))
-        self.scored = np.zeros(n, bool)
-        self.stats_at = {float(self.cfg.pixel_threshold): (self.area, self.mean_fg, self.peak, self.shape)}
+        self._allocate(n)
+        self.stats_at = {float(self.cfg.pixel_threshold): tuple(getattr(self, k) for k in SEG_STATS)}
         for t in also_at:
             self.stats_at.setdefault(float(t), tuple(np.full(n, np.nan, np.float32) for _ in SEG_STATS))
+
+    def _allocate(self, n: int) -> None:
+        """The per-frame results of an n-frame stack, nothing scored yet."""
+        for k in (*SEG_STATS, "cls_prob"):
+            setattr(self, k, np.full(n, np.nan, np.float32))
+        self.scored = np.zeros(n, bool)
 
     @torch.inference_mode()
     def _run(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,10 +198,7 @@ class ReplayScorer(FrameScorer):
         self._src = dict(zip(SEG_STATS, source.stats_at.get(t, (None,) * len(SEG_STATS))),
                          cls_prob=source.cls_prob)
         self.prob_cache = {} if prob_cache is None else prob_cache
-        n = len(source.scored)
-        self.area, self.mean_fg, self.peak, self.shape, self.cls_prob = (np.full(n, np.nan, np.float32)
-                                                                         for _ in range(5))
-        self.scored = np.zeros(n, bool)
+        self._allocate(len(source.scored))
 
     def score(self, indices: Sequence[int]) -> None:
         idx = np.asarray([int(i) for i in indices], int)
