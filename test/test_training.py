@@ -138,6 +138,9 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--shape-power", "-1"])
     assert "--shape-power must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # whole-case choice without whole cases: refused before training
+        T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--pixel-threshold-by", "case-score"])
+    assert "needs --data" in capsys.readouterr().err
 
 
 def test_sweep_prior_counts_annotated_sweeps_of_the_given_cases():
@@ -169,6 +172,24 @@ def test_score_threshold_is_the_f1_best_cut_of_quality_scores():
     assert (cal["precision"], cal["recall"]) == (pytest.approx(0.8), pytest.approx(0.8))
     only_zero = calibrate_score_threshold(np.zeros(4), np.array([1, 0, 0, 0], bool))
     assert only_zero["score_threshold"] > 0 and only_zero["f1"] == 0.0  # a cut at 0 would pass every frame
+
+
+def test_pixel_threshold_by_case_score_and_policies():
+    from training.calibrate import PUBLISHED, choose_by_case_score, grid_name, policy
+    grid = [{"pixel_threshold": t, "area_threshold": a, "score_decision": {"score_threshold": c}}
+            for t, a, c in ((0.2, 0.05, 0.01), (0.3, 0.04, 0.02), (0.5, 0.03, 0.03), (0.7, 0.02, 0.04))]
+    checks = {grid_name(0.2): {"score": 0.40}, grid_name(0.3): {"score": 0.52}, grid_name(0.5): {"score": 0.52},
+              grid_name(0.7): {"score": 0.1}}
+    assert choose_by_case_score({"pixel_threshold": 0.2, "grid": grid}, checks) == 0.5  # tie: nearer 0.5
+    assert choose_by_case_score({"pixel_threshold": 0.3, "grid": grid}, checks) == 0.3  # tie: keeps its own
+    del checks[grid_name(0.5)], checks[grid_name(0.3)]
+    assert choose_by_case_score({"pixel_threshold": 0.7, "grid": grid}, checks) == 0.2  # unchecked ones skipped
+    base = ModelConfig(backbone="fetalclip-small")
+    sel = {"choose_from": "all", "shape_power": 1.0, "sweep_prior": (0.5,) * 6}
+    p = policy(base, grid[1], sel)
+    assert (p.pixel_threshold, p.area_threshold, p.score_threshold, p.sweep_prior) == (0.3, 0.04, 0.02, (0.5,) * 6)
+    pub = policy(base, PUBLISHED, sel)  # no score cut: the published area rule decides
+    assert (pub.pixel_threshold, pub.area_threshold, pub.score_threshold) == (0.5, 0.01, None)
 
 
 def test_validation_dice_over_all_frames_and_over_annotated_frames(cache112):
@@ -314,7 +335,8 @@ def test_fetalclip_checkpoint_path_lora(tiny, cache, tmp_path):
     out = tmp_path / "lora"
     assert T.main(["--data", str(tiny), "--cache", str(cache.root), *SMALL, "--weights",
                    str(tmp_path / "FetalCLIP_weights.pt"), "--epochs", "1", "--batch-size", "8",
-                   "--neg-ratio", "0", "--val-max-frames", "4", "--case-check", "1", "--out", str(out)]) == 0
+                   "--neg-ratio", "0", "--val-max-frames", "4", "--case-check", "1", "--pixel-threshold-by",
+                   "case-score", "--out", str(out)]) == 0
     args = json.loads((out / "args.json").read_text())
     assert (args["encoder"], args["lora_r"], args["lora_alpha"], args["lr"]) == ("lora", 8, 16, 3e-4)
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -325,8 +347,15 @@ def test_fetalclip_checkpoint_path_lora(tiny, cache, tmp_path):
     torch.testing.assert_close(m.encoder.conv1.weight, visual["conv1.weight"])
     lora_b = [v for k, v in ck["model"].items() if "lora_B" in k]
     assert any(v.abs().sum() > 0 for v in lora_b)  # adapters trained
+    # pixel threshold by whole-case challenge score: every grid value replayed on the checked case
     cal = json.loads((out / "calibration.json").read_text())
-    assert set(cal["case_check"]) == {"published", "calibrated"}
+    names = {f"pixel {g['pixel_threshold']:.1f}" for g in cal["grid"]}
+    assert set(cal["case_check"]) == {"published", "calibrated"} | names and cal["chosen_by"] == "case score"
+    best = max(cal["case_check"][n]["score"] for n in names)
+    chosen = cal["case_check"][f"pixel {cal['pixel_threshold']:.1f}"]["score"]
+    assert chosen == best == cal["case_check"]["calibrated"]["score"]
+    assert m.config.pixel_threshold == cal["pixel_threshold"] and m.config.area_threshold == cal["area_threshold"]
+    assert m.config.score_threshold == cal["score_decision"]["score_threshold"]
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -10,6 +10,11 @@ With the frame decision by quality score (``--good-by score``, the default) the 
 threshold is chosen for the masks instead (best pooled Dice on the annotated validation
 frames: it binarises the output mask and defines the area in the score), and the decision
 is the F1-best cut of the quality score, computed as the container computes it.
+
+Pooled Dice favours low pixel thresholds (big masks), which the AC error pays for; with
+``--pixel-threshold-by case-score`` every grid threshold, with its own area and score cuts,
+is replayed on whole validation cases (one model pass per case) and the one with the best
+mean challenge score (WFSS, soft Dice, NAE together) is exported.
 """
 from __future__ import annotations
 
@@ -108,15 +113,9 @@ def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> d
 
 def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, batch_size: int, amp,
                     policy: str, progress: bool = True, selection: dict | None = None) -> dict:
-    """Calibrate on cache rows; report frame metrics (fetaliqa.metrics) at the published and
-    the calibrated thresholds. Without ``selection``: the pixel and area thresholds of the
-    best frame F1 (the area rule). selection: the exported config's selection fields
-    (shape_power, sweep_prior, ...); when given, the pixel threshold is the one whose masks
-    match the annotated frames best (pooled Dice; the grid's "mask_dice"), the area threshold
-    the best cut at it, and the frame decision the quality-score cut at it
-    ("score_decision", ``score_threshold``)."""
-    from fetaliqa.metrics import frame_metrics
-
+    """Calibrate on cache rows: one model pass (``predict_rows``), then ``summarise_calibration``
+    (its docstring says what is chosen). The pass itself is kept under "_pred" for callers that
+    re-summarise at another pixel threshold (pop it before serialising)."""
     from .train import predict_rows
 
     pred = predict_rows(model, cache, rows, device=device, batch_size=batch_size, amp=amp, policy=policy,
@@ -124,29 +123,75 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
     if pred["counts"] is None:  # CLS-only model: nothing to calibrate on masks
         return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
                 "f1": float("nan"), "frames": int(len(rows))}
+    return {**summarise_calibration(model.config, cache, pred, selection), "_pred": pred}
+
+
+def summarise_calibration(config, cache, pred: dict, selection: dict | None = None,
+                          pixel_threshold: float | None = None) -> dict:
+    """Thresholds and frame metrics from ``predict_rows`` output (config: the model's).
+    Without ``selection``: the pixel and area thresholds of the best frame F1 (the area rule).
+    selection: the exported config's selection fields (shape_power, sweep_prior, ...); when
+    given, every grid entry also gets the F1-best quality-score cut at its pixel threshold
+    ("score_decision", computed as the container scores frames), and the pixel threshold is
+    the one whose masks match the annotated frames best (pooled Dice; the grid's
+    "mask_dice") unless ``pixel_threshold`` names another grid value (chosen, e.g., by
+    whole-case challenge score: ``choose_by_case_score``). Frame metrics ("published",
+    "calibrated") at the published and the chosen thresholds (area rule)."""
+    from fetaliqa.metrics import frame_metrics
+
     cal = calibrate_thresholds(pred["counts"], pred["labels"], cache.size)
     dice_pos = np.asarray(pred["dice_on_positives_by_pixel_threshold"])
     for g, d in zip(cal["grid"], dice_pos):
         g["mask_dice"] = float(d)
-    if selection is not None and pred["labels"].any():
-        # the frame decision is the score cut below; the pixel threshold serves the mask (and
-        # the score's area): the best pooled Dice on the annotated validation frames
-        best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
-        cal = {**best, "grid": cal["grid"]}
-    out = {**cal, "frames": int(len(rows)), "positives": int(pred["labels"].sum())}
+    if selection is not None:
+        idx = cache.index[pred["rows"]]
+        fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
+        for g in cal["grid"]:
+            cfg = dataclasses.replace(config, pixel_threshold=g["pixel_threshold"], **selection)
+            scores = case_scores(cfg, pred["stats"][g["pixel_threshold"]], idx["case"], idx["frame"], fps)
+            g["score_decision"] = calibrate_score_threshold(scores, pred["labels"])
+        if pred["labels"].any():
+            # the frame decision is the score cut; the pixel threshold serves the mask (and the
+            # score's area): by default the best pooled Dice on the annotated validation frames
+            best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
+            cal = {**best, "grid": cal["grid"], "chosen_by": "mask dice"}
+    if pixel_threshold is not None:
+        chosen = [g for g in cal["grid"] if g["pixel_threshold"] == pixel_threshold]
+        if not chosen:
+            raise ValueError(f"pixel threshold {pixel_threshold} is not on the grid {PIXEL_GRID}")
+        cal = {**chosen[0], "grid": cal["grid"], "chosen_by": "given"}
+    out = {"chosen_by": "frame f1", **cal, "frames": int(len(pred["labels"])),
+           "positives": int(pred["labels"].sum())}
     for name, th in (("published", PUBLISHED), ("calibrated", cal)):
         t_idx = PIXEL_GRID.index(th["pixel_threshold"])
         area = pred["counts"][:, t_idx] / cache.size ** 2
         m = frame_metrics(area, pred["labels"].astype(np.uint8), th["area_threshold"])
         out[name] = {k: float(v) for k, v in m.items() if isinstance(v, (int, float, np.floating))}
         out[name]["dice"] = float(pred["dice_by_pixel_threshold"][t_idx])
-    if selection is not None:
-        cfg = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"], **selection)
-        idx = cache.index[pred["rows"]]
-        fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
-        scores = case_scores(cfg, pred["stats"][cal["pixel_threshold"]], idx["case"], idx["frame"], fps)
-        out["score_decision"] = calibrate_score_threshold(scores, pred["labels"])
     return out
+
+
+def policy(config, th: dict, selection: dict | None = None):
+    """``config`` with one calibration's thresholds (a grid entry or PUBLISHED): its pixel and
+    area thresholds, its quality-score cut when it has one (else the area rule decides) and
+    the selection fields."""
+    cut = th.get("score_decision", {}).get("score_threshold")
+    return dataclasses.replace(config, pixel_threshold=th["pixel_threshold"], area_threshold=th["area_threshold"],
+                               score_threshold=cut, **(selection or {}))
+
+
+def choose_by_case_score(cal: dict, checks: dict) -> float:
+    """The grid's pixel threshold with the best mean challenge score over the checked cases
+    (``checks``: ``case_check`` results under the names ``grid_name(t)``); ties keep the
+    calibration's own choice, then the value nearest 0.5."""
+    def key(g):
+        t = g["pixel_threshold"]
+        return round(checks[grid_name(t)]["score"], 6), t == cal["pixel_threshold"], -abs(t - 0.5)
+    return max((g for g in cal["grid"] if grid_name(g["pixel_threshold"]) in checks), key=key)["pixel_threshold"]
+
+
+def grid_name(t: float) -> str:
+    return f"pixel {t:.1f}"
 
 
 def sweep_prior(records: list, uuids) -> tuple[float, ...] | None:
@@ -161,25 +206,23 @@ def sweep_prior(records: list, uuids) -> tuple[float, ...] | None:
     return tuple(round(float(f), 4) for f in freq) if freq.max() > 0 else None
 
 
-def case_check(model: torch.nn.Module, records: list, cal: dict, *, device, progress: bool = True) -> dict:
-    """Whole validation cases scored with the challenge metrics at the published and the
-    calibrated thresholds: one exhaustive model pass per case (as ``analyse_stack``), both
-    threshold policies replayed on it. ``seconds``: the whole check."""
+def case_check(model: torch.nn.Module, records: list, policies: dict, *, device, progress: bool = True) -> dict:
+    """Whole validation cases scored with the challenge metrics under each of ``policies``
+    (name -> ModelConfig, as ``policy`` builds them): one exhaustive model pass per case (as
+    ``analyse_stack``), every policy replayed on it. -> name -> mean wfss, dice, dice_soft,
+    nae_ac, score, with "cases" and "seconds" (the whole check)."""
     from fetaliqa.metrics import aggregate, score_case
     from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, frames_with_signal
 
     from .data import load_case
 
     model.to(device).eval()
-    policies = {name: dataclasses.replace(model.config, pixel_threshold=th["pixel_threshold"],
-                                          area_threshold=th["area_threshold"])
-                for name, th in (("published", PUBLISHED), ("calibrated", cal))}
     scores: dict[str, list] = {name: [] for name in policies}
     t0 = time.time()
-    for rec in tqdm(records, desc="case check", disable=not progress, leave=False):
+    for rec in tqdm(records, desc=f"case check ({len(policies)} policies)", disable=not progress, leave=False):
         stack, gt = load_case(rec)
         full = FrameScorer(stack, model, device=device, progress=False,
-                           also_at=[c.pixel_threshold for c in policies.values()])
+                           also_at=sorted({c.pixel_threshold for c in policies.values()}))
         full.score(np.flatnonzero(frames_with_signal(stack)))
         probs: dict = {}
         for name, cfg in policies.items():

@@ -54,9 +54,10 @@ PRESETS: dict[str, dict] = {
     # The published recipe on the real data (FetalCLIP-SEG, LoRA, soft Dice, AdamW 3e-4, 5 x 32).
     "published": {},
     # The embedded default: small geometry, encoder trained from scratch on simulated sweeps.
-    "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=32,
+    "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=20,
                         batch_size=8, lr=1e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
-                        val_max_frames=1500, val_every=4, case_check=2, num_workers=0, select_metric="f1"),
+                        val_max_frames=1500, val_every=4, case_check=-1, num_workers=0, select_metric="f1",
+                        pixel_threshold_by="case-score"),
 }
 
 
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--good-by", choices=["score", "area"], default="score",
                    help="the per-frame decision: quality score (the ranking score, sweep prior and shape "
                         "included) above a cut calibrated for validation F1, or the area rule alone")
+    s.add_argument("--pixel-threshold-by", choices=["frames", "case-score"], default="frames",
+                   help="frames: chosen on the validation frames (best pooled mask Dice with --good-by score, "
+                        "best frame F1 with --good-by area); case-score: the grid value with the best mean "
+                        "challenge score over the --case-check cases (each with its own area and score cuts)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--export-to", type=Path, help="also write the exported model here (e.g. resources/model)")
     r.add_argument("--case-check", type=int, default=4,
                    help="validation cases scored end to end with the challenge metrics after calibration "
-                        "(needs --data; 0: skip)")
+                        "(needs --data; 0: skip, -1: all)")
     r.add_argument("--provenance", default="{}", help="JSON object merged into the exported provenance")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return p
@@ -155,6 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give --data (release layout) or --cache (an existing frame cache)")
     if not args.shape_power >= 0:  # checked here, not at export after the whole run
         parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
+    if args.pixel_threshold_by == "case-score" and not args.no_export and (args.case_check == 0 or args.data is None):
+        parser.error("--pixel-threshold-by case-score scores whole validation cases: it needs --data and a "
+                     "non-zero --case-check")
     return args
 
 
@@ -696,7 +704,8 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
 
 def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
     """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
-    from .calibrate import calibrate_model, case_check, sweep_prior
+    from .calibrate import (PUBLISHED, calibrate_model, case_check, choose_by_case_score, grid_name, policy,
+                            summarise_calibration, sweep_prior)
 
     best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
     load_trainable_state(model, best["model"])
@@ -706,17 +715,33 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     if args.sweep_prior == "train" and prior is None:
         print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
     selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior}
+    by_score_rule = args.good_by == "score"
     cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress,
-                          selection=selection if args.good_by == "score" else None)
-    by_score = cal.get("score_decision", {}).get("score_threshold")
-    model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **selection)
+                          selection=selection if by_score_rule else None)
+    pred = cal.pop("_pred", None)
     checks = {}
     if args.case_check and records:
         by_uuid = {r.uuid: r for r in records}
-        cases = [by_uuid[u] for u in split.val[:args.case_check]]
-        checks = case_check(model, cases, cal, device=device, progress=args.progress)
+        cases = [by_uuid[u] for u in (split.val if args.case_check < 0 else split.val[:args.case_check])]
+        policies = {"published": policy(model.config, PUBLISHED, selection)}
+        by_case = args.pixel_threshold_by == "case-score" and pred is not None
+        if by_case:  # every grid threshold with its own area and score cuts, on the same passes
+            policies |= {grid_name(g["pixel_threshold"]): policy(model.config, g, selection) for g in cal["grid"]}
+        else:
+            policies["calibrated"] = policy(model.config, cal, selection)
+        checks = case_check(model, cases, policies, device=device, progress=args.progress)
+        if by_case:
+            t = choose_by_case_score(cal, checks)
+            cal = {**summarise_calibration(model.config, cache, pred, selection if by_score_rule else None,
+                                           pixel_threshold=t), "chosen_by": "case score"}
+            checks["calibrated"] = checks[grid_name(t)]
+    elif args.pixel_threshold_by == "case-score":
+        print("[train] --pixel-threshold-by case-score needs --data and --case-check: pixel threshold by "
+              "validation frames only", file=sys.stderr)
+    by_score = cal.get("score_decision", {}).get("score_threshold")
+    model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
+                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **selection)
     calib = {**cal, "case_check": checks}
     (args.out / "calibration.json").write_text(json.dumps(json_safe(calib), indent=1))
     provenance = {
