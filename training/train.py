@@ -54,9 +54,12 @@ PRESETS: dict[str, dict] = {
     # The published recipe on the real data (FetalCLIP-SEG, LoRA, soft Dice, AdamW 3e-4, 5 x 32).
     "published": {},
     # The embedded default: small geometry, encoder trained from scratch on simulated sweeps.
+    # Best checkpoint by validation loss: the area-rule F1 (select_metric f1) no longer matches
+    # the exported frame decision (quality score) and picked epoch 12 of 20, worse on held-out
+    # cases than the last epoch (docs/training.md).
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=20,
                         batch_size=8, lr=1e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
-                        val_max_frames=1500, val_every=4, case_check=-1, num_workers=0, select_metric="f1",
+                        val_max_frames=1500, val_every=4, case_check=-1, num_workers=0, select_metric="loss",
                         pixel_threshold_by="case-score"),
 }
 
