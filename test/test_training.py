@@ -175,7 +175,7 @@ def test_score_threshold_is_the_f1_best_cut_of_quality_scores():
 
 
 def test_pixel_threshold_by_case_score_and_policies():
-    from training.calibrate import PUBLISHED, choose_by_case_score, grid_name, policy
+    from training.calibrate import PUBLISHED, choose_by_case_score, grid_name, threshold_policy
     grid = [{"pixel_threshold": t, "area_threshold": a, "score_decision": {"score_threshold": c}}
             for t, a, c in ((0.2, 0.05, 0.01), (0.3, 0.04, 0.02), (0.5, 0.03, 0.03), (0.7, 0.02, 0.04))]
     checks = {grid_name(0.2): {"score": 0.40}, grid_name(0.3): {"score": 0.52}, grid_name(0.5): {"score": 0.52},
@@ -186,9 +186,9 @@ def test_pixel_threshold_by_case_score_and_policies():
     assert choose_by_case_score({"pixel_threshold": 0.7, "grid": grid}, checks) == 0.2  # unchecked ones skipped
     base = ModelConfig(backbone="fetalclip-small")
     sel = {"choose_from": "all", "shape_power": 1.0, "sweep_prior": (0.5,) * 6}
-    p = policy(base, grid[1], sel)
+    p = threshold_policy(base, grid[1], sel)
     assert (p.pixel_threshold, p.area_threshold, p.score_threshold, p.sweep_prior) == (0.3, 0.04, 0.02, (0.5,) * 6)
-    pub = policy(base, PUBLISHED, sel)  # no score cut: the published area rule decides
+    pub = threshold_policy(base, PUBLISHED, sel)  # no score cut: the published area rule decides
     assert (pub.pixel_threshold, pub.area_threshold, pub.score_threshold) == (0.5, 0.01, None)
 
 

@@ -171,7 +171,7 @@ def summarise_calibration(config, cache, pred: dict, selection: dict | None = No
     return out
 
 
-def policy(config, th: dict, selection: dict | None = None):
+def threshold_policy(config, th: dict, selection: dict | None = None):
     """``config`` with one calibration's thresholds (a grid entry or PUBLISHED): its pixel and
     area thresholds, its quality-score cut when it has one (else the area rule decides) and
     the selection fields."""
@@ -208,7 +208,7 @@ def sweep_prior(records: list, uuids) -> tuple[float, ...] | None:
 
 def case_check(model: torch.nn.Module, records: list, policies: dict, *, device, progress: bool = True) -> dict:
     """Whole validation cases scored with the challenge metrics under each of ``policies``
-    (name -> ModelConfig, as ``policy`` builds them): one exhaustive model pass per case (as
+    (name -> ModelConfig, as ``threshold_policy`` builds them): one exhaustive model pass per case (as
     ``analyse_stack``), every policy replayed on it. -> name -> mean wfss, dice, dice_soft,
     nae_ac, score, with "cases" and "seconds" (the whole check)."""
     from fetaliqa.metrics import aggregate, score_case

@@ -707,8 +707,8 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
 
 def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
     """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
-    from .calibrate import (PUBLISHED, calibrate_model, case_check, choose_by_case_score, grid_name, policy,
-                            summarise_calibration, sweep_prior)
+    from .calibrate import (PUBLISHED, calibrate_model, case_check, choose_by_case_score, grid_name,
+                            summarise_calibration, sweep_prior, threshold_policy)
 
     best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
     load_trainable_state(model, best["model"])
@@ -727,12 +727,13 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     if args.case_check and records:
         by_uuid = {r.uuid: r for r in records}
         cases = [by_uuid[u] for u in (split.val if args.case_check < 0 else split.val[:args.case_check])]
-        policies = {"published": policy(model.config, PUBLISHED, selection)}
+        policies = {"published": threshold_policy(model.config, PUBLISHED, selection)}
         by_case = args.pixel_threshold_by == "case-score" and pred is not None
         if by_case:  # every grid threshold with its own area and score cuts, on the same passes
-            policies |= {grid_name(g["pixel_threshold"]): policy(model.config, g, selection) for g in cal["grid"]}
+            policies |= {grid_name(g["pixel_threshold"]): threshold_policy(model.config, g, selection)
+                         for g in cal["grid"]}
         else:
-            policies["calibrated"] = policy(model.config, cal, selection)
+            policies["calibrated"] = threshold_policy(model.config, cal, selection)
         checks = case_check(model, cases, policies, device=device, progress=args.progress)
         if by_case:
             t = choose_by_case_score(cal, checks)
