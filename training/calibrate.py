@@ -115,7 +115,7 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
                     policy: str, progress: bool = True, selection: dict | None = None) -> dict:
     """Calibrate on cache rows: one model pass (``predict_rows``), then ``summarise_calibration``
     (its docstring says what is chosen). The pass itself is kept under "_pred" for callers that
-    re-summarise at another pixel threshold (pop it before serialising)."""
+    move the choice (``at_pixel_threshold``; pop it before serialising)."""
     from .train import predict_rows
 
     pred = predict_rows(model, cache, rows, device=device, batch_size=batch_size, amp=amp, policy=policy,
@@ -126,23 +126,21 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
     return {**summarise_calibration(model.config, cache, pred, selection), "_pred": pred}
 
 
-def summarise_calibration(config, cache, pred: dict, selection: dict | None = None,
-                          pixel_threshold: float | None = None) -> dict:
+def summarise_calibration(config, cache, pred: dict, selection: dict | None = None) -> dict:
     """Thresholds and frame metrics from ``predict_rows`` output (config: the model's).
     Without ``selection``: the pixel and area thresholds of the best frame F1 (the area rule).
     selection: the exported config's selection fields (shape_power, sweep_prior, ...); when
     given, every grid entry also gets the F1-best quality-score cut at its pixel threshold
     ("score_decision", computed as the container scores frames), and the pixel threshold is
     the one whose masks match the annotated frames best (pooled Dice; the grid's
-    "mask_dice") unless ``pixel_threshold`` names another grid value (chosen, e.g., by
-    whole-case challenge score: ``choose_by_case_score``). Frame metrics ("published",
-    "calibrated") at the published and the chosen thresholds (area rule)."""
-    from fetaliqa.metrics import frame_metrics
-
+    "mask_dice"); ``at_pixel_threshold`` moves the choice to another grid entry. Frame
+    metrics ("published", "calibrated") at the published and the chosen thresholds (area
+    rule)."""
     cal = calibrate_thresholds(pred["counts"], pred["labels"], cache.size)
     dice_pos = np.asarray(pred["dice_on_positives_by_pixel_threshold"])
     for g, d in zip(cal["grid"], dice_pos):
         g["mask_dice"] = float(d)
+    chosen_by = "frame f1"
     if selection is not None:
         idx = cache.index[pred["rows"]]
         fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
@@ -154,14 +152,26 @@ def summarise_calibration(config, cache, pred: dict, selection: dict | None = No
             # the frame decision is the score cut; the pixel threshold serves the mask (and the
             # score's area): by default the best pooled Dice on the annotated validation frames
             best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
-            cal = {**best, "grid": cal["grid"], "chosen_by": "mask dice"}
-    if pixel_threshold is not None:
-        chosen = [g for g in cal["grid"] if g["pixel_threshold"] == pixel_threshold]
-        if not chosen:
-            raise ValueError(f"pixel threshold {pixel_threshold} is not on the grid {PIXEL_GRID}")
-        cal = {**chosen[0], "grid": cal["grid"], "chosen_by": "given"}
-    out = {"chosen_by": "frame f1", **cal, "frames": int(len(pred["labels"])),
-           "positives": int(pred["labels"].sum())}
+            cal, chosen_by = {**best, "grid": cal["grid"]}, "mask dice"
+    return _with_frame_metrics({"chosen_by": chosen_by, **cal}, cache, pred)
+
+
+def at_pixel_threshold(cal: dict, cache, pred: dict, pixel_threshold: float, chosen_by: str) -> dict:
+    """``summarise_calibration``'s result with the choice moved to the grid entry at
+    ``pixel_threshold`` (its area and score cuts; chosen, e.g., by whole-case challenge score:
+    ``choose_by_case_score``); the grid itself is not recomputed, the frame metrics are."""
+    chosen = [g for g in cal["grid"] if g["pixel_threshold"] == pixel_threshold]
+    if not chosen:
+        raise ValueError(f"pixel threshold {pixel_threshold} is not on the grid {PIXEL_GRID}")
+    return _with_frame_metrics({"chosen_by": chosen_by, **chosen[0], "grid": cal["grid"]}, cache, pred)
+
+
+def _with_frame_metrics(cal: dict, cache, pred: dict) -> dict:
+    """cal plus the frame counts and the frame metrics (fetaliqa.metrics, area rule) at the
+    published and at cal's thresholds."""
+    from fetaliqa.metrics import frame_metrics
+
+    out = {**cal, "frames": int(len(pred["labels"])), "positives": int(pred["labels"].sum())}
     for name, th in (("published", PUBLISHED), ("calibrated", cal)):
         t_idx = PIXEL_GRID.index(th["pixel_threshold"])
         area = pred["counts"][:, t_idx] / cache.size ** 2

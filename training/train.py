@@ -707,8 +707,8 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
 
 def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
     """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
-    from .calibrate import (PUBLISHED, calibrate_model, case_check, choose_by_case_score, grid_name,
-                            summarise_calibration, sweep_prior, threshold_policy)
+    from .calibrate import (PUBLISHED, at_pixel_threshold, calibrate_model, case_check, choose_by_case_score,
+                            grid_name, sweep_prior, threshold_policy)
 
     best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
     load_trainable_state(model, best["model"])
@@ -718,10 +718,9 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     if args.sweep_prior == "train" and prior is None:
         print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
     selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior}
-    by_score_rule = args.good_by == "score"
     cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress,
-                          selection=selection if by_score_rule else None)
+                          selection=selection if args.good_by == "score" else None)
     pred = cal.pop("_pred", None)
     checks = {}
     if args.case_check and records:
@@ -737,12 +736,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
         checks = case_check(model, cases, policies, device=device, progress=args.progress)
         if by_case:
             t = choose_by_case_score(cal, checks)
-            cal = {**summarise_calibration(model.config, cache, pred, selection if by_score_rule else None,
-                                           pixel_threshold=t), "chosen_by": "case score"}
+            cal = at_pixel_threshold(cal, cache, pred, t, chosen_by="case score")
             checks["calibrated"] = checks[grid_name(t)]
-    elif args.pixel_threshold_by == "case-score":
-        print("[train] --pixel-threshold-by case-score needs --data and --case-check: pixel threshold by "
-              "validation frames only", file=sys.stderr)
     by_score = cal.get("score_decision", {}).get("score_threshold")
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
                                        area_threshold=cal["area_threshold"], score_threshold=by_score, **selection)
