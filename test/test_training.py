@@ -143,6 +143,33 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
 
 
+def test_epoch_sampling_with_hard_negatives(tmp_path, capsys):
+    from training.cache import INDEX_DTYPE
+    # two cases x two sweeps x 10 frames; positives in case 0 sweep 0 and case 1 sweep 1
+    index = np.zeros(40, INDEX_DTYPE)
+    index["case"], index["sweep"] = np.repeat([0, 1], 20), np.tile(np.repeat([0, 1], 10), 2)
+    lab = np.zeros(40, bool)
+    lab[[3, 4, 35]] = True
+    pos, neg = np.flatnonzero(lab), np.flatnonzero(~lab)
+    hard = T.same_sweep_negatives(index, pos, neg)
+    assert hard.tolist() == [0, 1, 2, 5, 6, 7, 8, 9, 30, 31, 32, 33, 34, 36, 37, 38, 39]
+    rows = T.epoch_rows(pos, neg, 4.0, 7, 0, hard, 0.5)
+    assert len(rows) == len(set(rows.tolist())) == 3 + 12 and set(pos) <= set(rows.tolist())
+    drawn = [r for r in rows if not lab[r]]
+    assert sum(r in set(hard.tolist()) for r in drawn) >= 6  # 6 from the hard pool, 6 from all the rest
+    assert (T.epoch_rows(pos, neg, 4.0, 7, 0, hard, 0.5) == rows).all()  # pure function of (seed, epoch)
+    assert not (T.epoch_rows(pos, neg, 4.0, 7, 1, hard, 0.5) == rows).all()
+    only_hard = T.epoch_rows(pos, neg, 2.0, 7, 0, hard, 1.0)
+    assert set(only_hard.tolist()) - set(pos) <= set(hard.tolist()) and len(only_hard) == 9
+    big = T.epoch_rows(pos, neg, 10.0, 7, 0, hard, 1.0)  # more asked than the pool holds: all of it, then the rest
+    assert len(big) == 3 + 30 and set(hard.tolist()) <= set(big.tolist())
+    assert sorted(T.epoch_rows(pos, neg, -1, 7, 0).tolist()) == list(range(40))  # all negatives
+    for bad, msg in (("1.5", "must be in [0, 1]"), ("0.5", "needs --neg-ratio >= 0")):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--hard-neg-frac", bad])
+        assert msg in capsys.readouterr().err
+
+
 def test_sweep_prior_counts_annotated_sweeps_of_the_given_cases():
     from training.calibrate import sweep_prior
     from training.data import CaseRecord
@@ -314,11 +341,11 @@ def test_torchrun_two_processes(cache112, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train", "--cache", str(cache.root), "--out", str(out), *SMALL, *RUN,
-           "--max-steps", "2", "--no-export"]
+           "--max-steps", "2", "--no-export", "--neg-ratio", "1", "--hard-neg-frac", "0.5"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert [s[0] for s in _steps(out)] == [1, 2]
+    assert [s[0] for s in _steps(out)] == [1, 2] and " hard)" in res.stderr
     ck = torch.load(out / "last.pt", weights_only=False)
     assert len(ck["rng"]) == 2 and ck["step"] == 2
 

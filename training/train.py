@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positive frame/pixel: any annotation (published) or optimal only")
     d.add_argument("--neg-ratio", type=float, default=-1.0,
                    help="negatives per positive sampled each epoch (<0: all negatives, as published)")
+    d.add_argument("--hard-neg-frac", type=float, default=0.0,
+                   help="fraction of each epoch's sampled negatives drawn from sweeps holding a positive of the "
+                        "same case (sections at other levels); 0: uniform over all negatives")
     d.add_argument("--folds", type=int, default=5)
     d.add_argument("--val-fold", type=int, default=0)
     d.add_argument("--test-fold", type=int, default=None, help="fold held out from training and validation")
@@ -161,6 +164,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None and args.cache is None:
         parser.error("give --data (release layout) or --cache (an existing frame cache)")
+    if not 0 <= args.hard_neg_frac <= 1:
+        parser.error(f"--hard-neg-frac must be in [0, 1], got {args.hard_neg_frac}")
+    if args.hard_neg_frac > 0 and args.neg_ratio < 0:
+        parser.error("--hard-neg-frac chooses among sampled negatives: it needs --neg-ratio >= 0")
     if not args.shape_power >= 0:  # checked here, not at export after the whole run
         parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
     if args.pixel_threshold_by == "case-score" and not args.no_export and (args.case_check == 0 or args.data is None):
@@ -282,15 +289,32 @@ class CacheDataset(Dataset):
         return torch.from_numpy(np.array(c.frames[r])), torch.from_numpy(np.array(c.masks[r])), int(c.index["label"][r])
 
 
-def epoch_rows(pos: np.ndarray, neg: np.ndarray, neg_ratio: float, seed: int, epoch: int) -> np.ndarray:
+def epoch_rows(pos: np.ndarray, neg: np.ndarray, neg_ratio: float, seed: int, epoch: int,
+               hard: np.ndarray | None = None, hard_frac: float = 0.0) -> np.ndarray:
     """This epoch's training rows: every positive plus neg_ratio x as many negatives
-    (all negatives when neg_ratio < 0), shuffled; a pure function of (seed, epoch)."""
+    (all negatives when neg_ratio < 0), shuffled; a pure function of (seed, epoch).
+    ``hard`` (a subset of ``neg``) and ``hard_frac``: that fraction of the sampled negatives
+    is drawn from ``hard`` (as many as it has), the rest from all the other negatives."""
     rng = np.random.default_rng([seed, epoch])
     if neg_ratio >= 0:
-        neg = rng.choice(neg, size=min(len(neg), int(round(neg_ratio * max(len(pos), 1)))), replace=False)
+        n = min(len(neg), int(round(neg_ratio * max(len(pos), 1))))
+        if hard is not None and hard_frac > 0:
+            picked = rng.choice(hard, size=min(len(hard), int(round(hard_frac * n))), replace=False)
+            rest = np.setdiff1d(neg, picked, assume_unique=True)
+            neg = np.concatenate([picked, rng.choice(rest, size=n - len(picked), replace=False)])
+        else:
+            neg = rng.choice(neg, size=n, replace=False)
     rows = np.concatenate([pos, neg])
     rng.shuffle(rows)
     return rows
+
+
+def same_sweep_negatives(index: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """The rows of ``neg`` in a (case, sweep) that holds a row of ``pos``: hard negatives,
+    mostly the same sweep's sections above and below the abdominal plane, which a model that
+    has learnt "trunk section" but not the level marks as good."""
+    key = index["case"].astype(np.int64) * 64 + index["sweep"]
+    return neg[np.isin(key[neg], key[pos])]
 
 
 def targets(label_masks: torch.Tensor, labels: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,6 +575,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     if len(pos) == 0:
         raise ValueError(f"no positive frames in the training split of {cache.root} (label policy "
                          f"{args.label_policy!r}); nothing to learn")
+    hard = same_sweep_negatives(cache.index, pos, neg) if args.hard_neg_frac > 0 else None
     val_rows = cache.rows_of(split.val)
     if args.val_max_frames and len(val_rows) > args.val_max_frames:
         val_rows = np.sort(np.random.default_rng([args.seed, 999]).choice(val_rows, args.val_max_frames, replace=False))
@@ -561,7 +586,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     no_decay = [p for p in params if p.ndim <= 1]  # biases and norms: no weight decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    n_epoch_rows = len(epoch_rows(pos, neg, args.neg_ratio, args.seed, 0))
+    n_epoch_rows = len(epoch_rows(pos, neg, args.neg_ratio, args.seed, 0, hard, args.hard_neg_frac))
     micro_per_epoch = math.ceil(math.ceil(n_epoch_rows / world) / args.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / args.accum)
     total_steps = steps_per_epoch * args.epochs
@@ -591,7 +616,8 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
         n_tr = sum(p.numel() for p in params)
         print(f"[train] {cfg.backbone} heads={cfg.heads} encoder={args.encoder} trainable={n_tr:,} "
               f"device={device} amp={amp} world={world} | train cases {len(split.train)} "
-              f"({len(pos)} pos / {len(neg)} neg frames), val cases {len(split.val)} ({len(val_rows)} frames) | "
+              f"({len(pos)} pos / {len(neg)} neg frames{'' if hard is None else f', {len(hard)} hard'}), "
+              f"val cases {len(split.val)} ({len(val_rows)} frames) | "
               f"{steps_per_epoch} steps/epoch x {args.epochs}", file=sys.stderr)
 
     ddp = DistributedDataParallel(model) if world > 1 else None
@@ -614,7 +640,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     stop = False
     t_last = time.time()
     for epoch in range(start_epoch, args.epochs):
-        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch)
+        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch, hard, args.hard_neg_frac)
         # DistributedSampler (shuffle=False: rows are already shuffled per epoch, seeded) shards
         # the epoch across processes exactly as the sampler does for any dataset.
         sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
@@ -751,6 +777,7 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
         "training": {"encoder": args.encoder, "weights": str(args.weights) if args.weights else None,
                      "epochs": args.epochs, "best_epoch": best["epoch"], "steps": step, "loss": args.loss,
                      "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "neg_ratio": args.neg_ratio,
+                     "hard_neg_frac": args.hard_neg_frac,
                      "augment": not args.no_augment, "preset": args.preset},
         "validation": {**{k: v for k, v in best["summary"].items() if isinstance(v, (int, float))},
                        "calibration": {k: v for k, v in cal.items() if k != "grid"}, "case_check": checks},
