@@ -106,6 +106,22 @@ def test_near_misses_are_unannotated_frames_near_the_stomach_level():
     assert near_misses(plan, level=0.0).sum() == 0 and near_misses(plan, level=2.0).sum() >= near.sum()
 
 
+def test_frame_geometry_levels_agree_with_labels():
+    cfg = sim.SimConfig()
+    off_axis = 0
+    for i in range(4):
+        geo = sim.frame_geometry(sim.case_seed(0, i), cfg)
+        plan = sim._plan(sim.case_seed(0, i), cfg)
+        assert np.array_equal(geo["label"], plan.labels)
+        lab, level = geo["label"], geo["level"]
+        # annotated planes cross the axis within sub_level radii of the stomach, optimal ones within opt_level
+        assert (level[lab > 0] <= cfg.sub_level + 1e-9).all() and (level[lab == 1] <= cfg.opt_level + 1e-9).all()
+        assert (level[geo["near_miss"]] <= 0.6 + 1e-9).all() and not (geo["near_miss"] & (lab > 0)).any()
+        assert (level[np.isfinite(level)] >= 0).all()
+        off_axis += int(np.isinf(level).sum())
+    assert off_axis > 0  # lengthwise planes do not cross the axis
+
+
 def _support(axes, n):
     """Half-width along unit normals n (F, 3) of an ellipsoid with semi-axis vectors ``axes``."""
     return np.sqrt(sum((n @ ax) ** 2 for ax in axes))

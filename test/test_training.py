@@ -434,6 +434,13 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     lab = fr3["label"] > 0
     assert three["frame_area_rule"]["f1"] == pytest.approx(2 * (by_area & lab).sum() / (by_area.sum() + lab.sum()))
     assert "frame decision by area alone" in capsys.readouterr().out
+    # where the false positives lie, from the simulator's geometry of the same frames
+    fp = fr3["good"] & ~lab
+    w = three["false_positives"]
+    assert w["frames"] == fp.sum() > 0 and w["near_miss"] == pytest.approx(fr3["near_miss"][fp].mean())
+    assert w["level_ge_1"] == pytest.approx(np.mean(fr3["level"][fp] >= 1))
+    assert w["in_annotated_sweep"] == pytest.approx(np.mean([lab[fr3["case"] == c].reshape(6, -1)[0].any()
+                                                             for c in fr3["case"][fp]]))  # all in sweep 1
 
 
 def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):

@@ -114,6 +114,10 @@ def _evaluate_case(job) -> dict:
     out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {},
            "frames": {"label": lab_k.astype(np.uint8), "area": full.area, "mean_fg": full.mean_fg,
                       "peak": full.peak, "shape": full.shape}}
+    if rec is None:  # simulated: where each frame's plane lies, to locate false positives
+        from fetaliqa.simulate import SimConfig, case_seed, frame_geometry
+        geo = frame_geometry(case_seed(args.seed, i), SimConfig(frames_per_sweep=args.frames_per_sweep))
+        out["frames"] |= {"level": geo["level"].astype(np.float32), "near_miss": geo["near_miss"]}
     if not args.compare:
         return out
     probs: dict = {}
@@ -135,6 +139,30 @@ def _evaluate_case(job) -> dict:
         out["rules"][rule] = {"score": score_case(gt, ac, frame, mask, frames_per_sweep=fps), "frame": frame,
                               "label": int(gt[frame].max()) if frame >= 0 else -1, "scored": int(rep.n_scored)}
     return out
+
+
+def false_positives(results: list[dict]) -> dict | None:
+    """Where the frames called good without an annotation lie (simulated cases only): how many,
+    the share that are near misses (transverse trunk sections near the stomach level,
+    ``geometry.near_misses``), the share in a sweep that holds an annotation, and where their
+    planes cross the fetal axis (trunk radii from the stomach level; quartiles, and the share
+    at least one radius away: thorax, pelvis, or planes that miss the axis)."""
+    if not results or "level" not in results[0]["frames"]:
+        return None
+    fp, near, in_ann, level = 0, 0, 0, []
+    for r in results:
+        lab, f = r["lab"], r["frames"]
+        sweep_ann = lab.reshape(6, -1).any(1).repeat(len(lab) // 6)
+        m = r["good"] & ~lab
+        fp += int(m.sum())
+        near += int(f["near_miss"][m].sum())
+        in_ann += int(sweep_ann[m].sum())
+        level.append(f["level"][m])
+    lv = np.concatenate(level)
+    q = np.percentile(lv, [25, 50, 75], method="lower") if fp else []
+    return {"frames": fp, "near_miss": near / fp if fp else 0.0, "in_annotated_sweep": in_ann / fp if fp else 0.0,
+            "level_quartiles": [float(x) if np.isfinite(x) else None for x in q],  # None: misses the axis
+            "level_ge_1": float(np.mean(lv >= 1)) if fp else 0.0}
 
 
 def compare_table(results: list[dict]) -> list[dict]:
@@ -213,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         area = np.concatenate([r["frames"]["area"] for r in results])
         fm_area = frame_metrics((np.nan_to_num(area, nan=-1.0) >= cfg.area_threshold).astype(float), lab, 0.5)
         summary["frame_area_rule"] = {k: fm_area[k] for k in ("f1", "precision", "recall", "specificity")}
+    fps_where = false_positives(results)
+    if fps_where is not None:
+        summary["false_positives"] = fps_where
     if args.compare:
         summary["compare"] = compare_table(results)
     print("\n| case | frame | label | WFSS | soft Dice | NAE | AC pred | AC ref | score |")
@@ -231,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         a = summary["frame_area_rule"]
         print(f"frame decision by area alone (area >= {cfg.area_threshold:.4f}): F1 {a['f1']:.3f}, "
               f"precision {a['precision']:.3f}, recall {a['recall']:.3f}")
+    if fps_where is not None and fps_where["frames"]:
+        w = fps_where
+        quart = " / ".join("off-axis" if x is None else f"{x:.2f}" for x in w["level_quartiles"])
+        print(f"false positives: {w['frames']}, near misses {100 * w['near_miss']:.0f} %, in an annotated sweep "
+              f"{100 * w['in_annotated_sweep']:.0f} %; plane level (trunk radii from the stomach) quartiles "
+              f"{quart}, >= 1 radius {100 * w['level_ge_1']:.0f} %")
     if args.compare:
         _print_compare(summary["compare"])
     if args.out:
@@ -258,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> None:
     """Per-frame model statistics of every case (for studying frame decisions offline):
     case (index into ``cases``), frame, sweep, label (0/1/2), area, mean_fg, peak, shape (at the
-    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good."""
+    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good; for
+    simulated cases also level and near_miss (``fetaliqa.simulate.frame_geometry``)."""
     cols: dict[str, list] = {k: [] for k in ("case", "frame", "sweep", "label", "area", "mean_fg", "peak", "shape",
                                              "q", "good")}
     for i, r in enumerate(results):
@@ -267,8 +305,9 @@ def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> Non
         cols["case"].append(np.full(n, i, np.int32))
         cols["frame"].append(np.arange(n, dtype=np.int32))
         cols["sweep"].append(np.arange(n, dtype=np.int32) // max(1, n // 6))
-        for k in ("label", "area", "mean_fg", "peak", "shape"):
-            cols[k].append(np.asarray(f[k]))
+        for k in ("label", "area", "mean_fg", "peak", "shape", "level", "near_miss"):
+            if k in f:
+                cols.setdefault(k, []).append(np.asarray(f[k]))
         cols["q"].append(np.asarray(r["q"], np.float32))
         cols["good"].append(np.asarray(r["good"], bool))
     np.savez_compressed(path, cases=np.array([r["row"]["case"] for r in results]),

@@ -44,11 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import FULL_SHAPE, SPACING_MM, SWEEPS, SimConfig, _plan, fan_mask, near_misses
+from .geometry import FULL_SHAPE, SPACING_MM, SWEEPS, SimConfig, _plan, fan_mask, near_misses, plane_levels
 from .render import _render
 
 __all__ = ["SimConfig", "SimulatedCase", "simulate_case", "case_seed", "write_case", "label_statistics",
-           "fan_mask", "main", "SPACING_MM", "FULL_SHAPE", "SWEEPS"]
+           "frame_geometry", "fan_mask", "main", "SPACING_MM", "FULL_SHAPE", "SWEEPS"]
 _CSV_NAME = "fetal_abdominal_circumferences_per_sweep.csv"
 
 
@@ -123,6 +123,15 @@ def label_statistics(seed: int, cases: int, config: SimConfig = SimConfig()) -> 
     out["f1_if_all_transverse_sections_fire"] = (2 * per_case.sum() / (2 * per_case.sum() + sum(near))
                                                  if per_case.sum() else 0.0)
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
+
+
+def frame_geometry(seed: int, config: SimConfig = SimConfig()) -> dict[str, np.ndarray]:
+    """Per frame of a case (geometry only, no pixels): ``label`` (0/1/2, those of the render),
+    ``level`` (where the plane crosses the fetal axis, trunk radii from the stomach level;
+    ``geometry.plane_levels``) and ``near_miss`` (``geometry.near_misses``). For studying
+    where a model's frame decisions go wrong."""
+    plan = _plan(seed, config)
+    return {"label": plan.labels, "level": plane_levels(plan), "near_miss": near_misses(plan)}
 
 
 def _reference_acs(masks: np.ndarray, labels: np.ndarray, inside: np.ndarray, n: int) -> list[float | None]:

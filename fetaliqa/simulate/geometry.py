@@ -280,6 +280,15 @@ def near_misses(plan: "_Plan", level: float = 0.6, angle_deg: float = 60.0, insi
     return out
 
 
+def plane_levels(plan: "_Plan") -> np.ndarray:
+    """(F,) where each frame's plane crosses the fetal axis, as the distance from the stomach
+    level in trunk radii (0: the abdominal plane's level; about 1.3: thorax; inf: planes more
+    than ~72 degrees from transverse, which do not cross the axis meaningfully)."""
+    sc = plan.scene
+    n = np.cross(plan.e_h, plan.e_d)
+    return _axis_level(sc, plan.origin, n, np.abs(n @ sc.u) > 0.3) / sc.r
+
+
 def _labels(sc: _Scene, o, e_h, e_d, contact, cfg: SimConfig) -> np.ndarray:
     n = np.cross(e_h, e_d)
     cosb = np.abs(n @ sc.u)
