@@ -240,6 +240,29 @@ def test_validation_dice_over_all_frames_and_over_annotated_frames(cache112):
     assert np.all(pred["stats"][0.5]["area"] == 1.0) and np.all(pred["counts"] == s2)
 
 
+def test_seg_loss_selection_ignores_an_auxiliary_cls_head(cache112):
+    """With SEG + CLS the validation loss adds the CLS BCE; --select-metric seg_loss ranks
+    checkpoints by the SEG part alone (the head that decides frames). A CLS logit of 0 costs
+    exactly ln 2 per frame, so loss - seg_loss = ln 2."""
+    class Both(torch.nn.Module):
+        config = ModelConfig(backbone="fetalclip-small", heads=("seg", "cls"))
+
+        def forward(self, x):
+            return {"seg": torch.full((x.shape[0], 1, *x.shape[2:]), 10.0), "cls": torch.zeros(x.shape[0])}
+
+    rows = np.arange(len(cache112.index))
+    pred = T.predict_rows(Both(), cache112, rows, device=torch.device("cpu"), batch_size=5, amp=None, policy="any")
+    assert pred["seg_loss"] is not None
+    np.testing.assert_allclose(pred["loss"] - pred["seg_loss"], np.log(2), rtol=1e-6)
+    summary = T.summarise_validation(pred, Both.config, cache112.size)
+    assert summary["val_seg_loss"] == pred["seg_loss"] and summary["val_loss"] == pred["loss"]
+    # an overfitting CLS head lifts the total loss while the SEG loss still falls
+    ep13, ep26 = {"val_loss": 1.3816, "val_seg_loss": 0.9810}, {"val_loss": 1.3882, "val_seg_loss": 0.9750}
+    assert T.selection_value(ep13, "loss") > T.selection_value(ep26, "loss")
+    assert T.selection_value(ep26, "seg_loss") > T.selection_value(ep13, "seg_loss")
+    assert T.selection_value({"val_loss": 0.5}, "seg_loss") == -0.5  # CLS-only models: the loss
+
+
 def test_case_scores_put_cached_frames_back_at_their_stack_positions():
     """Calibration scores cached frames as the pipeline scores the whole stack: temporal
     support within the sweep and the sweep prior, frames not cached counting as unscored."""

@@ -126,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per process (0: torch's default). On a shared or small CPU, "
                         "1 thread per process (and torchrun for more cores) avoids OpenMP stalls")
     o.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) after this many optimiser steps")
-    o.add_argument("--select-metric", choices=["f1", "loss", "dice"], default="f1",
-                   help="best checkpoint: validation F1 over the threshold grid, validation loss or Dice")
+    o.add_argument("--select-metric", choices=["f1", "loss", "seg_loss", "dice"], default="f1",
+                   help="best checkpoint: validation F1 over the threshold grid, validation loss (every "
+                        "head's), the SEG head's loss alone (what decides frames when CLS is an auxiliary "
+                        "head) or Dice")
     s = p.add_argument_group("selection (stored in the exported model)")
     s.add_argument("--choose-from", choices=["good", "all"], default="all",
                    help="the case's frame: the best-scoring frame of all (all) or of the good ones (good)")
@@ -368,7 +370,7 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
     from fetaliqa.select import frame_stats as stats_of
     model.eval()
     cfg = model.config
-    counts, probs, labels, losses = [], [], [], []
+    counts, probs, labels, losses, seg_losses = [], [], [], [], []
     stats = {t: {"area": [], "mean_fg": [], "shape": []} for t in PIXEL_GRID} if frame_stats else None
     rows = np.sort(rows)  # sorted rows read the memmap sequentially
     grid = torch.tensor(PIXEL_GRID, device=device)
@@ -385,6 +387,7 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
             out = model(normalize(fr.float(), cfg.mean, cfg.std))
         losses.append(float(compute_loss(out, seg_t, cls_t, "dice")) * len(r))
         if "seg" in out:
+            seg_losses.append(float(soft_dice_loss(out["seg"], seg_t)) * len(r))
             p = torch.sigmoid(out["seg"].float())[:, 0]
             above = p[:, None] > grid[None, :, None, None]  # (B, T, S, S)
             counts.append(above.sum((2, 3)).cpu())
@@ -405,7 +408,9 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
     return {"counts": torch.cat(counts).numpy() if counts else None,
             "cls_prob": torch.cat(probs).numpy() if probs else None,
             "labels": torch.cat(labels).numpy() if labels else np.zeros(0, bool),
-            "loss": sum(losses) / max(1, len(rows)), "dice_by_pixel_threshold": dice,
+            "loss": sum(losses) / max(1, len(rows)),
+            "seg_loss": sum(seg_losses) / max(1, len(rows)) if seg_losses else None,
+            "dice_by_pixel_threshold": dice,
             "dice_on_positives_by_pixel_threshold": dice_pos, "rows": rows,
             "stats": None if stats is None or not counts else
             {t: {k: np.concatenate(v) for k, v in d.items()} for t, d in stats.items()}}
@@ -415,6 +420,7 @@ def summarise_validation(pred: dict, cfg: ModelConfig, size: int) -> dict:
     """Epoch figures: loss, Dice and F1 at the configured thresholds, best F1 over the grid."""
     out = {"val_loss": pred["loss"]}
     if pred["counts"] is not None:
+        out["val_seg_loss"] = pred["seg_loss"]
         t_idx = int(np.argmin(np.abs(np.asarray(PIXEL_GRID) - cfg.pixel_threshold)))
         area = pred["counts"][:, t_idx] / size ** 2
         out.update(frame_f1_table(area >= cfg.area_threshold, pred["labels"]))
@@ -432,6 +438,8 @@ def selection_value(summary: dict, metric: str) -> float:
     """Larger is better."""
     if metric == "loss":
         return -summary["val_loss"]
+    if metric == "seg_loss":
+        return -summary.get("val_seg_loss", summary["val_loss"])
     if metric == "dice":
         return summary.get("val_dice", -summary["val_loss"])
     return summary.get("val_f1_best", summary.get("cls_f1", -summary["val_loss"]))
