@@ -134,8 +134,9 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     frame_json = args.output / f"{FRAME_NUMBER_SLUG}.json"
     extras_dir = args.output / "extras" if args.extras else None
     check_writable(*(d for d in (seg_dir, args.output, extras_dir) if d is not None))
-    model_dir, origin = resolve_model_dir(args.model)
+    model_dir, origin = resolve_model_dir(args.model)  # imports torch and open_clip: seconds
     check_search(args.search)
+    timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     with contextlib.nullcontext() if debug else _quiet_stderr():
@@ -145,14 +146,17 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
              "peak RSS so far %.0f MB", image_path, stack.dtype, stack.shape, stack.nbytes / 2**20,
              tuple(round(s, 4) for s in reference.GetSpacing()), _peak_rss_mb())
 
+    t = time.perf_counter()
     device, amp = select_device(args.device)
+    device_name = _device_name(device)  # starts CUDA where asked
+    timings["setup"] += time.perf_counter() - t
     t = time.perf_counter()
     model = load_model(model_dir, origin, device)
     if args.int8:
         model = quantize_for_cpu(model, device)
     timings["model_load"] = time.perf_counter() - t
     batch_size = args.batch_size or default_batch_size(model, device)
-    log.info("device %s (%s), batch %d", device, _device_name(device), batch_size)
+    log.info("device %s (%s), batch %d", device, device_name, batch_size)
 
     t = time.perf_counter()
     if not stack.any():

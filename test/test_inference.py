@@ -88,7 +88,7 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
     frame = _valid(tmp_path, image)
     assert 0 <= frame < 12 and f"frame {frame}" in out
     assert "removing stale" in err and "old-result.mha" in err
-    for stage in ("read", "model_load", "analyse", "write", "total"):
+    for stage in ("setup", "read", "model_load", "analyse", "write", "total"):
         assert f" {stage} " in out.split("timings (s):")[1]
     assert "device cpu (" in out and "analysed on cpu, batch 4" in out
     assert "embedded default" not in out and "random weights, test fixture" in out
