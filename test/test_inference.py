@@ -317,6 +317,27 @@ def test_sample_inputs_json_names_the_platform_socket():
     assert len((REPO / "test" / "sample" / "input.sha256").read_text().split()[0]) == 64
 
 
+def test_sample_checksum_mismatch_fails_unless_no_check(tmp_path, monkeypatch):
+    """Pixels that differ from the committed checksum (a simulator change, or numpy/SciPy/OpenCV
+    other than the pinned ones) stop make_sample and write nothing; --no-check writes the case
+    with a warning (a GPU host with its own library versions still gets an input)."""
+    sys.path.insert(0, str(REPO / "test" / "sample"))
+    import make_sample
+    import fetaliqa.simulate as sim
+
+    small = sim.simulate_case(make_sample.SEED, sim.SimConfig(frames_per_sweep=2))
+    monkeypatch.setattr(sim, "simulate_case", lambda seed: small)
+    wrong = tmp_path / "input.sha256"
+    wrong.write_text("0" * 64 + "  not this stack\n")
+    monkeypatch.setattr(make_sample, "CHECKSUM", wrong)
+    out = tmp_path / "input"
+    image = out / "images" / "stacked-fetal-ultrasound" / make_sample.image_name()
+    assert make_sample.main(["--out", str(out)]) == 1 and not image.exists()
+    assert make_sample.main(["--out", str(out), "--no-check"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(image))), small.stack)
+    assert (out / "inputs.json").is_file() and wrong.read_text().startswith("0" * 64)
+
+
 @pytest.mark.slow
 def test_full_size_sample_case_end_to_end(tmp_path, small_model):
     """The sample case (840x562x744, regenerated and checksum-verified when missing) through
