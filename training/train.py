@@ -721,8 +721,11 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
                 best = value
                 atomic_save({"model": trainable_state(model), "epoch": epoch + 1, "step": step, "summary": summ,
                              "config": cfg.to_dict()}, best_path)
-            epochs_log.add({"step": step, "epoch": epoch + 1, **summ, "best": improved})
-            print(f"[train] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in summ.items()
+            extra = {}
+            if device.type == "cuda":  # what a user needs to size a GPU for this geometry and batch
+                extra["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            epochs_log.add({"step": step, "epoch": epoch + 1, **summ, **extra, "best": improved})
+            print(f"[train] epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in (summ | extra).items()
                                                            if isinstance(v, float)), file=sys.stderr)
         if world > 1:
             t = torch.tensor([best], dtype=torch.float64)
