@@ -82,9 +82,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true",
                    help="CPU only: int8 dynamic quantisation of the encoder's linear layers (about 1.4x "
                         "faster for FetalCLIP, smaller weights; or FETALIQA_INT8=1); see docs/bench.md")
-    p.add_argument("--search", default="fast",
+    p.add_argument("--search", default=None,
                    help="frame search: fast (coarse-to-fine, about 120-160 of 840 frames; "
-                        "default) or exhaustive (every frame); see docs/bench.md")
+                        "default) or exhaustive (every frame; or FETALIQA_SEARCH=exhaustive); "
+                        "see docs/bench.md")
     p.add_argument("--extras", action="store_true",
                    help="also write scores, curve, AC and overlay to OUTPUT/extras "
                         "(or FETALIQA_EXTRAS=1)")
@@ -94,6 +95,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1 (or 0: automatic)")
     args.extras = args.extras or os.environ.get("FETALIQA_EXTRAS", "") not in ("", "0")
     args.int8 = args.int8 or os.environ.get("FETALIQA_INT8", "") not in ("", "0")
+    args.search_from = "--search" if args.search else "FETALIQA_SEARCH"
+    args.search = args.search or os.environ.get("FETALIQA_SEARCH") or "fast"
     return args
 
 
@@ -135,7 +138,7 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     extras_dir = args.output / "extras" if args.extras else None
     check_writable(*(d for d in (seg_dir, args.output, extras_dir) if d is not None))
     model_dir, origin = resolve_model_dir(args.model)  # imports torch and open_clip: seconds
-    check_search(args.search)
+    check_search(args.search, args.search_from)
     timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -169,7 +172,8 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
         frame, mask = checked_result(analysis, stack)
         for k, v in analysis.timings.items():
             timings[f"analyse.{k}"] = v
-        log.info("analysed on %s, batch %d: frame %d, mask %d pixels", device, batch, frame,
+        log.info("analysed on %s, batch %d, %s search (%d of %d frames scored): frame %d, mask %d pixels",
+                 device, batch, args.search, int(np.isfinite(analysis.scores).sum()), len(stack), frame,
                  int(mask.sum()))
     timings["analyse"] = time.perf_counter() - t
     # the weights (1.2 GB for FetalCLIP) are not needed any more: release them before the
@@ -318,11 +322,11 @@ def _device_name(device: str) -> str:
     return f"{torch.get_num_threads()} threads, fp32"
 
 
-def check_search(search: str | None) -> None:
+def check_search(search: str, origin: str = "--search") -> None:
     from fetaliqa.pipeline import SEARCHES
 
-    if search is not None and search not in SEARCHES:
-        raise UserError(f"unknown --search {search!r} (available: {', '.join(SEARCHES)})")
+    if search not in SEARCHES:
+        raise UserError(f"unknown {origin} {search!r} (available: {', '.join(SEARCHES)})")
 
 
 def load_model(folder: Path, origin: str, device: str):

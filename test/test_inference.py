@@ -100,6 +100,20 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
         assert (extras / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_search_from_option_or_environment(tmp_path, capfd, small_model, monkeypatch):
+    """--search, else FETALIQA_SEARCH (an image's ENV), else fast; the log names the search
+    and how many frames it scored."""
+    _case(tmp_path, _sim_stack())
+    rc, out, err = _run(capfd, tmp_path, model=small_model)
+    assert rc == 0, err
+    assert "batch 4, fast search (" in out and " of 12 frames scored)" in out
+    monkeypatch.setenv("FETALIQA_SEARCH", "exhaustive")
+    rc, out, err = _run(capfd, tmp_path, model=small_model)
+    assert rc == 0 and "exhaustive search (12 of 12 frames scored)" in out, err
+    rc, out, err = _run(capfd, tmp_path, "--search", "fast", model=small_model)
+    assert rc == 0 and "fast search (" in out, err
+
+
 def _rgb(a):
     return np.stack([a, a // 2, a // 3], axis=-1)
 
@@ -165,13 +179,15 @@ def _broken_models(tmp: Path, good: Path) -> dict[str, Path]:
     ("model-truncated", "cannot load the model in {tmp}/truncated"),
     ("output-unwritable", "cannot write to output folder {tmp}/output"),
     ("bad-search", "unknown --search 'nonsense' (available: exhaustive"),
+    ("bad-search-env", "unknown FETALIQA_SEARCH 'nonsense' (available: exhaustive"),
 ])
-def test_bad_input_exits_non_zero_with_one_line(tmp_path, capfd, small_model, case, expect):
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, capfd, monkeypatch, small_model, case, expect):
     folder = tmp_path / "input" / "images" / "stacked-fetal-ultrasound"
     model = small_model
     if case != "no-folder":
         folder.mkdir(parents=True)
-    if case in ("two-files", "truncated", "not-an-image", "bad-search") or case.startswith(("model", "output")):
+    if case.startswith("bad-search") or case in ("two-files", "truncated", "not-an-image") or \
+            case.startswith(("model", "output")):
         _case(tmp_path, _sim_stack(), name="a.mha")
     if case == "two-files":
         _case(tmp_path, _sim_stack(), name="b.mha")
@@ -183,6 +199,8 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, capfd, small_model, ca
         model = _broken_models(tmp_path, small_model)[case[len("model-"):]]
     if case == "output-unwritable":
         (tmp_path / "output").write_text("a file where the output folder should be")
+    if case == "bad-search-env":
+        monkeypatch.setenv("FETALIQA_SEARCH", "nonsense")
     rc, out, err = _run(capfd, tmp_path, *(["--search", "nonsense"] if case == "bad-search" else []),
                         model=model)
     assert rc == 1
