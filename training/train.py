@@ -58,8 +58,8 @@ PRESETS: dict[str, dict] = {
     # the exported frame decision (quality score) and picked epoch 12 of 20, worse on held-out
     # cases than the last epoch (docs/training.md). 26 epochs with two validations (instead of 20
     # with five) buy six more epochs inside the 45-min rebuild budget: 38.8 min from scratch.
-    # lr 2e-3 (was 1e-3): better on all three held-out sets (docs/training.md); the 78-epoch
-    # GPU run's first validation had hinted that a higher rate for longer helps.
+    # lr 2e-3 (was 1e-3): better on all three held-out sets (docs/training.md), 37.9 min
+    # from scratch; the 78-epoch GPU run's first validation had hinted at a higher rate.
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=26,
                         batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
                         val_max_frames=1500, val_every=13, case_check=-1, num_workers=0, select_metric="loss",
