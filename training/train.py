@@ -337,15 +337,21 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     return 1 - (2 * inter + eps) / (p.sum() + target.sum() + eps)
 
 
-def compute_loss(out: dict[str, torch.Tensor], seg_t: torch.Tensor, cls_t: torch.Tensor, kind: str) -> torch.Tensor:
-    loss = torch.zeros((), device=seg_t.device)
+def loss_parts(out: dict[str, torch.Tensor], seg_t: torch.Tensor, cls_t: torch.Tensor, kind: str
+               ) -> dict[str, torch.Tensor]:
+    """Each head's loss: "seg" (soft Dice, + BCE for dice_bce), "cls" (BCE)."""
+    parts = {}
     if "seg" in out:
-        loss = loss + soft_dice_loss(out["seg"], seg_t)
+        parts["seg"] = soft_dice_loss(out["seg"], seg_t)
         if kind == "dice_bce":
-            loss = loss + F.binary_cross_entropy_with_logits(out["seg"].float(), seg_t)
+            parts["seg"] = parts["seg"] + F.binary_cross_entropy_with_logits(out["seg"].float(), seg_t)
     if "cls" in out:
-        loss = loss + F.binary_cross_entropy_with_logits(out["cls"].float(), cls_t)
-    return loss
+        parts["cls"] = F.binary_cross_entropy_with_logits(out["cls"].float(), cls_t)
+    return parts
+
+
+def compute_loss(out: dict[str, torch.Tensor], seg_t: torch.Tensor, cls_t: torch.Tensor, kind: str) -> torch.Tensor:
+    return sum(loss_parts(out, seg_t, cls_t, kind).values(), torch.zeros((), device=seg_t.device))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -387,9 +393,10 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
         seg_t, cls_t = targets(lm, lab, policy)
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             out = model(normalize(fr.float(), cfg.mean, cfg.std))
-        losses.append(float(compute_loss(out, seg_t, cls_t, "dice")) * len(r))
+        parts = loss_parts(out, seg_t, cls_t, "dice")
+        losses.append(float(sum(parts.values())) * len(r))
         if "seg" in out:
-            seg_losses.append(float(soft_dice_loss(out["seg"], seg_t)) * len(r))
+            seg_losses.append(float(parts["seg"]) * len(r))
             p = torch.sigmoid(out["seg"].float())[:, 0]
             above = p[:, None] > grid[None, :, None, None]  # (B, T, S, S)
             counts.append(above.sum((2, 3)).cpu())
