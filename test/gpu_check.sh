@@ -63,15 +63,14 @@ import sys; from pathlib import Path
 from training.make_default import simulate_release
 simulate_release(Path('$W/data'), $CASES, 424242, 35, $NPROC)"
 
-step checkpoint python - "$BACKBONE" "$W/FetalCLIP_weights.pt" <<'EOF'
+step checkpoint env PYTHONPATH="$PWD/test:$PYTHONPATH" python - "$BACKBONE" "$W/FetalCLIP_weights.pt" <<'EOF'
 import sys, torch
 from fetaliqa.model.backbone import build_vision_tower
 from fetaliqa.model.config import ModelConfig
+from training_helpers import write_fetalclip_checkpoint
 torch.manual_seed(0)
 visual = build_vision_tower(ModelConfig(backbone=sys.argv[1])).state_dict()
-sd = {f"module.visual.{k}": v for k, v in visual.items()}
-sd["module.logit_scale"] = torch.tensor(4.6052)
-torch.save({"state_dict": sd}, sys.argv[2])
+write_fetalclip_checkpoint(sys.argv[2], visual)
 print(f"{sys.argv[2]}: {sum(v.numel() for v in visual.values()):,} visual parameters")
 EOF
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fetaliqa.model import (ModelConfig, build_model, count_parameters, export_model, is_exported_model,
                             load_exported)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_helpers import write_fetalclip_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 SMALL = dict(backbone="fetalclip-small", decoder_width=8)
@@ -163,11 +167,8 @@ def test_full_fetalclip_checkpoint_loads(tmp_path):
     assert count_parameters(src) == 303_966_208
     ref = {k: src.state_dict()[k].clone() for k in ("conv1.weight", "transformer.resblocks.23.mlp.c_proj.weight",
                                                       "proj")}
-    sd = {f"module.visual.{k}": v for k, v in src.state_dict().items()}
-    sd.update({"module.logit_scale": torch.tensor(4.6), "module.positional_embedding": torch.zeros(117, 768)})
-    path = tmp_path / "FetalCLIP_weights.pt"
-    torch.save({"state_dict": sd}, path)
-    del src, sd
+    path = write_fetalclip_checkpoint(tmp_path / "FetalCLIP_weights.pt", src.state_dict())
+    del src
     m = build_model(cfg, weights=path)
     for k, v in ref.items():
         assert torch.equal(m.encoder.state_dict()[k], v), k

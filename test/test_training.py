@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_helpers import write_tiny_release  # noqa: E402
+from training_helpers import write_fetalclip_checkpoint, write_tiny_release  # noqa: E402
 
 from fetaliqa.model import ModelConfig, load_exported  # noqa: E402
 from fetaliqa.preprocess import masks_to_square, normalize, pad_resize  # noqa: E402
@@ -380,9 +380,7 @@ def test_fetalclip_checkpoint_path_lora(tiny, cache, tmp_path):
     from fetaliqa.model.backbone import build_vision_tower
     torch.manual_seed(5)
     visual = build_vision_tower(ModelConfig(backbone="fetalclip-small")).state_dict()
-    ckpt = {"state_dict": {**{f"module.visual.{k}": v for k, v in visual.items()},
-                           "module.logit_scale": torch.tensor(4.6), "module.token_embedding.weight": torch.zeros(3, 2)}}
-    torch.save(ckpt, tmp_path / "FetalCLIP_weights.pt")
+    write_fetalclip_checkpoint(tmp_path / "FetalCLIP_weights.pt", visual)
     out = tmp_path / "lora"
     assert T.main(["--data", str(tiny), "--cache", str(cache.root), *SMALL, "--weights",
                    str(tmp_path / "FetalCLIP_weights.pt"), "--epochs", "1", "--batch-size", "8",

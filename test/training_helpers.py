@@ -1,4 +1,5 @@
-"""Tiny release-layout datasets for the training tests (SimpleITK, no simulator needed)."""
+"""Test inputs in their real formats: tiny release-layout datasets (SimpleITK, no simulator
+needed) and random weights in FetalCLIP's checkpoint format."""
 from __future__ import annotations
 
 import csv
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 
 def write_tiny_release(root: Path, n_cases: int = 6, frames_per_sweep: int = 4, rows: int = 60, cols: int = 80,
@@ -44,3 +46,13 @@ def write_tiny_release(root: Path, n_cases: int = 6, frames_per_sweep: int = 4, 
         w.writerow(["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, 7)])
         w.writerows(table)
     return root
+
+
+def write_fetalclip_checkpoint(path: Path, visual_state: dict[str, torch.Tensor]) -> Path:
+    """Save a vision tower's state dict the way FetalCLIP's release stores it: the whole CLIP
+    under `state_dict`, keys `module.visual.*`, beside text-tower keys the loader must skip."""
+    sd = {f"module.visual.{k}": v for k, v in visual_state.items()}
+    sd.update({"module.logit_scale": torch.tensor(4.6052), "module.token_embedding.weight": torch.zeros(3, 2),
+               "module.positional_embedding": torch.zeros(117, 768)})
+    torch.save({"state_dict": sd}, path)
+    return path
