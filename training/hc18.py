@@ -7,9 +7,10 @@ The sonographer's ellipse outline (`NNN_HC_Annotation.png`) is turned into a fil
 image). Images go into the same frame cache format as ACOUSLIC (one "case" per image,
 subject = the 3-digit prefix, so repeat scans never straddle the split) and train with the
 same loop (`training.train`: 5 subject-grouped folds, fold 0 validation, fold 1 held out).
-The held-out fold is then scored at native resolution: Dice of the thresholded, cleaned
-mask against the filled annotation, and |HC predicted - HC reference| in mm, where the
-prediction is the ellipse fitted to the mask (`fetaliqa.measure.ellipse_circumference`).
+The pixel threshold is chosen on the validation fold (lowest HC MAE), then the held-out
+fold is scored at native resolution: Dice of the thresholded, cleaned mask against the
+filled annotation, and |HC predicted - HC reference| in mm, where the prediction is the
+ellipse fitted to the mask (`fetaliqa.measure.ellipse_circumference`).
 """
 from __future__ import annotations
 
@@ -82,20 +83,43 @@ def build_hc18_cache(items: list[dict], root: Path, size: int) -> FrameCache:
     return w.close()
 
 
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
 @torch.no_grad()
-def score_images(model, items: list[dict]) -> list[dict]:
-    rows = []
-    for it in tqdm(items, desc="HC18 held-out", unit="image", file=sys.stderr):
+def score_images(model, items: list[dict], thresholds=THRESHOLDS, desc: str = "HC18") -> dict[float, list[dict]]:
+    """Per threshold, per image: Dice of the cleaned mask against the filled annotation and the
+    HC of the ellipse fitted to it (one model pass per image, every threshold on its map)."""
+    rows: dict[float, list[dict]] = {t: [] for t in thresholds}
+    for it in tqdm(items, desc=desc, unit="image", file=sys.stderr):
         img = cv2.imread(str(it["image"]), cv2.IMREAD_GRAYSCALE)
         gt = filled_mask(cv2.imread(str(it["annotation"]), cv2.IMREAD_GRAYSCALE))
         prob = torch.sigmoid(model(frames_to_model_input(torch.from_numpy(img)[None], model.config))["seg"])
         prob = square_to_native(prob[:, 0], *img.shape)[0].numpy()
-        pred = final_mask(prob, model.config.pixel_threshold)
-        dice = 2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum()))
-        hc = ellipse_circumference(pred, it["pixel_mm"])
-        rows.append({"image": it["name"], "dice": dice, "hc_pred_mm": hc, "hc_ref_mm": it["hc_mm"],
-                     "abs_err_mm": None if hc is None else abs(hc - it["hc_mm"])})
+        for t in thresholds:
+            pred = final_mask(prob, t)
+            dice = 2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum()))
+            hc = ellipse_circumference(pred, it["pixel_mm"])
+            rows[t].append({"image": it["name"], "dice": dice, "hc_pred_mm": hc, "hc_ref_mm": it["hc_mm"],
+                            "abs_err_mm": None if hc is None else abs(hc - it["hc_mm"])})
     return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    errs = [r["abs_err_mm"] for r in rows if r["abs_err_mm"] is not None]
+    return {"images": len(rows), "subjects": len({r["image"][:3] for r in rows}),
+            "dice_mean": float(np.mean([r["dice"] for r in rows])),
+            "hc_mae_mm": float(np.mean(errs)) if errs else None,
+            "hc_median_ae_mm": float(np.median(errs)) if errs else None,
+            "hc_unmeasurable": len(rows) - len(errs)}
+
+
+def choose_threshold(by_threshold: dict[float, list[dict]]) -> float:
+    """The threshold with the fewest unmeasurable images, then the lowest HC MAE."""
+    def key(t):
+        s = summarise(by_threshold[t])
+        return s["hc_unmeasurable"], np.inf if s["hc_mae_mm"] is None else s["hc_mae_mm"], t
+    return min(by_threshold, key=key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/hc18"))
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (quick checks)")
     p.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo, 1 thread each)")
+    p.add_argument("--pixel-threshold", type=float, default=None,
+                   help="score the held-out fold at this threshold (default: the one of %s with the lowest "
+                        "HC MAE on the validation fold)" % "/".join(map(str, THRESHOLDS)))
     a, rest = p.parse_known_args(argv)
     items = read_hc18(a.data)[:a.limit or None]
     t0 = time.time()
@@ -116,26 +143,28 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     t_train = time.time() - t0
     split = Split.load(a.out / "run" / "split.json")
-    held = set(split.test)
     if "--threads" in rest:  # train.main restores the thread count; keep it for scoring too
         torch.set_num_threads(int(rest[rest.index("--threads") + 1]))
     model = load_exported(a.out / "run" / "model")
-    model.config.pixel_threshold = 0.5  # calibration on an all-positive set says nothing about pixels
-    rows = score_images(model, [it for it in items if it["name"] in held])
-    errs = [r["abs_err_mm"] for r in rows if r["abs_err_mm"] is not None]
-    summary = {"held_out_images": len(rows), "subjects": len({r["image"][:3] for r in rows}),
-               "dice_mean": float(np.mean([r["dice"] for r in rows])),
-               "hc_mae_mm": float(np.mean(errs)) if errs else None,
-               "hc_median_ae_mm": float(np.median(errs)) if errs else None,
-               "hc_unmeasurable": len(rows) - len(errs), "train_minutes": round(t_train / 60, 1)}
+    by_name = {it["name"]: it for it in items}
+    if a.pixel_threshold is None:  # calibration on an all-positive set says nothing about pixels: use HC
+        val = score_images(model, [by_name[u] for u in split.val], desc="HC18 validation")
+        thr, chosen_by = choose_threshold(val), "validation fold: fewest unmeasurable, then lowest HC MAE"
+        val_table = {str(t): summarise(r) for t, r in val.items()}
+    else:
+        thr, chosen_by, val_table = a.pixel_threshold, "--pixel-threshold", {}
+    rows = score_images(model, [by_name[u] for u in split.test], (thr,), desc="HC18 held-out")[thr]
+    held = summarise(rows)
+    summary = {"held_out_images": held.pop("images"), **held, "pixel_threshold": thr, "chosen_by": chosen_by,
+               "validation": val_table, "train_minutes": round(t_train / 60, 1)}
     (a.out / "hc18_summary.json").write_text(json.dumps(summary, indent=1))
     with open(a.out / "hc18_per_image.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
-    print(f"HC18 held-out fold: {summary['held_out_images']} images ({summary['subjects']} subjects): "
-          f"Dice {summary['dice_mean']:.3f}, HC MAE {mm(summary['hc_mae_mm'])} "
+    print(f"HC18 held-out fold: {summary['held_out_images']} images ({summary['subjects']} subjects), "
+          f"pixel threshold {thr:g}: Dice {summary['dice_mean']:.3f}, HC MAE {mm(summary['hc_mae_mm'])} "
           f"(median {mm(summary['hc_median_ae_mm'])}), unmeasurable {summary['hc_unmeasurable']}; "
           f"training {summary['train_minutes']} min")
     return 0
