@@ -118,4 +118,6 @@ def test_hc18_command_end_to_end(tmp_path, capsys):
         assert all(float(r["abs_err_mm"]) == pytest.approx(abs(float(r["hc_pred_mm"]) - float(r["hc_ref_mm"])))
                    for r in rows if r["abs_err_mm"])
     assert 0 <= summary["dice_mean"] <= 1
-    assert f"pixel threshold {summary['pixel_threshold']:g}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"HC18 validation fold: pixel threshold {summary['pixel_threshold']:g} of 0.3/" in printed
+    assert f"HC18 held-out fold: {len(rows)} images" in printed

@@ -147,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(rest[rest.index("--threads") + 1]))
     model = load_exported(a.out / "run" / "model")
     by_name = {it["name"]: it for it in items}
+    mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
     if a.pixel_threshold is None:  # calibration on an all-positive set says nothing about pixels: use HC
         val = score_images(model, [by_name[u] for u in split.val], desc="HC18 validation")
         thr, chosen_by = choose_threshold(val), "validation fold: fewest unmeasurable, then lowest HC MAE"
         val_table = {str(t): summarise(r) for t, r in val.items()}
+        v = val_table[str(thr)]
+        print(f"HC18 validation fold: pixel threshold {thr:g} of {'/'.join(map(str, val))} "
+              f"(HC MAE {mm(v['hc_mae_mm'])}, Dice {v['dice_mean']:.3f})", flush=True)
     else:
         thr, chosen_by, val_table = a.pixel_threshold, "--pixel-threshold", {}
     rows = score_images(model, [by_name[u] for u in split.test], (thr,), desc="HC18 held-out")[thr]
@@ -162,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.DictWriter(fh, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
     print(f"HC18 held-out fold: {summary['held_out_images']} images ({summary['subjects']} subjects), "
           f"pixel threshold {thr:g}: Dice {summary['dice_mean']:.3f}, HC MAE {mm(summary['hc_mae_mm'])} "
           f"(median {mm(summary['hc_median_ae_mm'])}), unmeasurable {summary['hc_unmeasurable']}; "
