@@ -106,7 +106,8 @@ def test_hc18_command_end_to_end(tmp_path, capsys):
     val = summary["validation"]
     assert sorted(map(float, val)) == list(hc18.THRESHOLDS)
     assert all(v["images"] == len(split.val) for v in val.values())
-    best = min(val, key=lambda t: (val[t]["hc_unmeasurable"], np.inf if val[t]["hc_mae_mm"] is None else val[t]["hc_mae_mm"], float(t)))
+    mae = {t: np.inf if v["hc_mae_mm"] is None else v["hc_mae_mm"] for t, v in val.items()}
+    best = min(val, key=lambda t: (val[t]["hc_unmeasurable"], mae[t], float(t)))
     assert summary["pixel_threshold"] == float(best)
     # held-out figures are those of the per-image table, on the held-out fold only
     rows = list(csv.DictReader(open(out / "hc18_per_image.csv")))
