@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from fetaliqa.measure import ramanujan_perimeter
 from training import hc18
 from training.splits import Split
 
 torch.set_num_threads(2)
-
-
-def _ellipse_perimeter(a: float, b: float) -> float:  # Ramanujan II
-    h = ((a - b) / (a + b)) ** 2
-    return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
 def write_hc18(root, subjects: int = 10, seed: int = 0):
@@ -42,7 +38,7 @@ def write_hc18(root, subjects: int = 10, seed: int = 0):
             cv2.imwrite(str(root / "images" / f"{name}_Annotation.png"), ann)
             px = 0.1 + 0.02 * k
             rows.append({"filename": f"{name}.png", "pixel size(mm)": px,
-                         "head circumference (mm)": round(px * _ellipse_perimeter(a, b), 2)})
+                         "head circumference (mm)": round(px * ramanujan_perimeter(a, b), 2)})
     with open(root / "pixel_size_and_HC.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, list(rows[0]))
         w.writeheader()
@@ -84,11 +80,12 @@ def test_choose_threshold_fewest_unmeasurable_then_lowest_mae():
     by_t = {0.3: [_row(1.0), _row(None)],      # best MAE but one image unmeasurable
             0.5: [_row(4.0), _row(2.0)],       # MAE 3
             0.7: [_row(2.5), _row(2.5)]}       # MAE 2.5: chosen
-    assert hc18.choose_threshold(by_t) == 0.7
-    s = hc18.summarise(by_t[0.3])
+    summaries = {t: hc18.summarise(r) for t, r in by_t.items()}
+    assert hc18.choose_threshold(summaries) == 0.7
+    s = summaries[0.3]
     assert (s["images"], s["hc_unmeasurable"], s["hc_mae_mm"], s["dice_mean"]) == (2, 1, 1.0, 0.9)
-    by_t[0.5] = [_row(2.5), _row(2.5)]  # a tie goes to the lower threshold
-    assert hc18.choose_threshold(by_t) == 0.5
+    summaries[0.5] = hc18.summarise([_row(2.5), _row(2.5)])  # a tie goes to the lower threshold
+    assert hc18.choose_threshold(summaries) == 0.5
 
 
 def test_hc18_command_end_to_end(tmp_path, capsys):

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fetaliqa.measure import ellipse_circumference
+from fetaliqa.metrics import dice
 from fetaliqa.model import load_exported
 from fetaliqa.postprocess import final_mask
 from fetaliqa.preprocess import frames_to_model_input, square_to_native
@@ -100,9 +101,9 @@ def score_images(model, items: list[dict], thresholds=THRESHOLDS, desc: str = "H
         prob = square_to_native(prob[:, 0], *img.shape)[0].numpy()
         for t in thresholds:
             pred = final_mask(prob, t)
-            dice = 2 * float((pred & gt).sum()) / max(1.0, float(pred.sum() + gt.sum()))
             hc = ellipse_circumference(pred, it["pixel_mm"])
-            rows[t].append({"image": it["name"], "dice": dice, "hc_pred_mm": hc, "hc_ref_mm": it["hc_mm"],
+            rows[t].append({"image": it["name"], "dice": dice(pred, gt, empty=0.0), "hc_pred_mm": hc,
+                            "hc_ref_mm": it["hc_mm"],
                             "abs_err_mm": None if hc is None else abs(hc - it["hc_mm"])})
     return rows
 
@@ -116,12 +117,13 @@ def summarise(rows: list[dict]) -> dict:
             "hc_unmeasurable": len(rows) - len(errs)}
 
 
-def choose_threshold(by_threshold: dict[float, list[dict]]) -> float:
-    """The threshold with the fewest unmeasurable images, then the lowest HC MAE."""
+def choose_threshold(summaries: dict[float, dict]) -> float:
+    """Of `summarise` results per threshold: the fewest unmeasurable images, then the lowest
+    HC MAE, then the lower threshold."""
     def key(t):
-        s = summarise(by_threshold[t])
+        s = summaries[t]
         return s["hc_unmeasurable"], np.inf if s["hc_mae_mm"] is None else s["hc_mae_mm"], t
-    return min(by_threshold, key=key)
+    return min(summaries, key=key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {it["name"]: it for it in items}
     mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
     if a.pixel_threshold is None:  # calibration on an all-positive set says nothing about pixels: use HC
-        val = score_images(model, [by_name[u] for u in split.val], desc="HC18 validation")
+        val = {t: summarise(r) for t, r in
+               score_images(model, [by_name[u] for u in split.val], desc="HC18 validation").items()}
         thr, chosen_by = choose_threshold(val), "validation fold: fewest unmeasurable, then lowest HC MAE"
-        val_table = {str(t): summarise(r) for t, r in val.items()}
-        v = val_table[str(thr)]
+        val_table = {str(t): s for t, s in val.items()}
+        v = val[thr]
         print(f"HC18 validation fold: pixel threshold {thr:g} of {'/'.join(map(str, val))} "
               f"(HC MAE {mm(v['hc_mae_mm'])}, Dice {v['dice_mean']:.3f})", flush=True)
     else:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..measure import ramanujan_perimeter
+
 SPACING_MM = 0.28
 FULL_SHAPE = (562, 744)
 SWEEPS = 6
@@ -111,16 +113,12 @@ class _Plan:
     labels: np.ndarray   # (F,) uint8 0/1/2
 
 
-def _ramanujan(a: float, b: float) -> float:
-    return math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
-
-
 def _make_scene(rng: np.random.Generator) -> _Scene:
     ac = _AC_MEAN + _AC_SD * rng.standard_normal()
     while not _AC_MIN <= ac <= _AC_MAX:
         ac = _AC_MEAN + _AC_SD * rng.standard_normal()
     k = rng.uniform(0.82, 1.0)
-    a = ac / _ramanujan(1.0, k)
+    a = ac / ramanujan_perimeter(1.0, k)
     b = a * k
     r = ac / (2 * math.pi)
     skin, fat, muscle, uwall = 1.5, rng.uniform(4, 14), rng.uniform(4, 9), rng.uniform(4, 7)
