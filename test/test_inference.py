@@ -332,7 +332,8 @@ def test_sample_inputs_json_names_the_platform_socket():
     (entry,) = [e for e in entries if e["interface"]["slug"] == "stacked-fetal-ultrasound"]
     assert entry["interface"]["relative_path"] == "images/stacked-fetal-ultrasound"
     assert entry["image"]["name"].endswith(".mha")
-    assert len((REPO / "test" / "sample" / "input.sha256").read_text().split()[0]) == 64
+    fp = json.loads((REPO / "test" / "sample" / "input.fingerprint.json").read_text())
+    assert len(fp["sha256"]) == 64 and fp["shape"] == [840, 562, 744] and len(fp["frame_sums"]) == 840
 
 
 def test_sample_checksum_mismatch_fails_unless_no_check(tmp_path, monkeypatch):
@@ -345,15 +346,42 @@ def test_sample_checksum_mismatch_fails_unless_no_check(tmp_path, monkeypatch):
 
     small = sim.simulate_case(make_sample.SEED, sim.SimConfig(frames_per_sweep=2))
     monkeypatch.setattr(sim, "simulate_case", lambda seed: small)
-    wrong = tmp_path / "input.sha256"
-    wrong.write_text("0" * 64 + "  not this stack\n")
+    other = small.stack.copy()
+    other[0, 100:110, 300:310] = 255 - other[0, 100:110, 300:310]  # a real change in one frame
+    wrong = tmp_path / "input.fingerprint.json"
+    wrong.write_text(json.dumps(make_sample.fingerprint(other)))
     monkeypatch.setattr(make_sample, "CHECKSUM", wrong)
     out = tmp_path / "input"
     image = out / "images" / "stacked-fetal-ultrasound" / make_sample.image_name()
     assert make_sample.main(["--out", str(out)]) == 1 and not image.exists()
     assert make_sample.main(["--out", str(out), "--no-check"]) == 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(image))), small.stack)
-    assert (out / "inputs.json").is_file() and wrong.read_text().startswith("0" * 64)
+    assert (out / "inputs.json").is_file() and json.loads(wrong.read_text()) == make_sample.fingerprint(other)
+
+
+def test_sample_check_accepts_rounding_not_changes():
+    """The committed sample is the committed sample on any CPU: a few pixels one grey level
+    apart (numpy's AVX-512 maths rounds differently) pass the frame-sum check with a note;
+    a changed frame, another shape or no fingerprint fail, saying what differs."""
+    sys.path.insert(0, str(REPO / "test" / "sample"))
+    import make_sample
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 200, (6, 40, 50), dtype=np.uint8)
+    want = make_sample.fingerprint(stack)
+    assert make_sample.check(make_sample.fingerprint(stack.copy()), want) == (True, "checksum ok")
+    rounded = stack.copy()
+    rounded[1, :3, 0] += 1  # 145 such pixels in 351 million on an AVX-512 host, at most 2 per frame sum
+    rounded[4, 7, 9] -= 1
+    ok, what = make_sample.check(make_sample.fingerprint(rounded), want)
+    assert ok and "2 frames differ, by at most 3 grey levels" in what
+    changed = stack.copy()
+    changed[2, 10:20, 10:20] += 1  # 100 grey levels in one frame: beyond rounding
+    ok, what = make_sample.check(make_sample.fingerprint(changed), want)
+    assert not ok and "1 frame sums differ, by up to 100" in what and "first in frame 2" in what
+    ok, what = make_sample.check(make_sample.fingerprint(stack[:5]), want)
+    assert not ok and "(5, 40, 50) instead of uint8 (6, 40, 50)" in what
+    assert make_sample.check(want, None)[0] is False
 
 
 @pytest.mark.slow
