@@ -360,6 +360,21 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     assert (tmp_path / "a/model.tar.gz").stat().st_size > 0 and (tmp_path / "a/epochs.csv").exists()
 
 
+def test_run_seed_replicates_on_the_same_split(tiny, cache112, tmp_path):
+    """--run-seed reseeds initialisation, sampling and augmentation, not the split: replicates of
+    one recipe on the same data; without it everything follows --seed, as before."""
+    common = ["--data", str(tiny), "--cache", str(cache112.root), *SMALL, *RUN, "--max-steps", "2", "--no-export"]
+    for name, extra in (("a", []), ("same", ["--run-seed", "0"]), ("other", ["--run-seed", "1"]),
+                        ("split", ["--seed", "1"])):
+        assert T.main([*common, "--out", str(tmp_path / name), *extra]) == 0
+    split = {n: json.loads((tmp_path / n / "split.json").read_text()) for n in ("a", "same", "other", "split")}
+    steps = {n: _steps(tmp_path / n) for n in ("a", "same", "other")}
+    assert steps["same"] == steps["a"] and split["same"] == split["a"]
+    assert split["other"] == split["a"] and [s[2] for s in steps["other"]] != [s[2] for s in steps["a"]]
+    assert split["split"] != split["a"]  # --seed alone still draws another split
+    assert json.loads((tmp_path / "other/args.json").read_text())["run_seed"] == 1
+
+
 def test_torchrun_two_processes(cache112, tmp_path):
     cache = cache112
     out = tmp_path / "ddp"

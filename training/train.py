@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
                    help="auto: bf16 on CUDA with native bf16, else fp16 + GradScaler on CUDA, fp32 on CPU")
     o.add_argument("--grad-clip", type=float, default=1.0)
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0,
+                   help="seed of the split and the validation subset, and of everything --run-seed seeds unless given")
+    o.add_argument("--run-seed", type=int, default=None,
+                   help="seed of the initialisation, the per-epoch sampling and the augmentation (default: --seed); "
+                        "runs differing only here are replicates on the same split, to tell a recipe change from "
+                        "run-to-run noise")
     o.add_argument("--device", default="auto")
     o.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per process (0: torch's default). On a shared or small CPU, "
@@ -167,6 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS[pre.preset])
     args = parser.parse_args(argv)
+    if args.run_seed is None:
+        args.run_seed = args.seed
     if args.data is None and args.cache is None:
         parser.error("give --data (release layout) or --cache (an existing frame cache)")
     if not 0 <= args.hard_neg_frac <= 1:
@@ -578,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    torch.manual_seed(args.run_seed)
+    np.random.seed(args.run_seed)
+    random.seed(args.run_seed)
     model = make_model(args).to(device)
     cfg: ModelConfig = model.config
     cache, split, records = prepare_data(args, rank, world, cfg.image_size)
@@ -604,14 +611,14 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     no_decay = [p for p in params if p.ndim <= 1]  # biases and norms: no weight decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    n_epoch_rows = len(epoch_rows(pos, neg, args.neg_ratio, args.seed, 0, hard, args.hard_neg_frac))
+    n_epoch_rows = len(epoch_rows(pos, neg, args.neg_ratio, args.run_seed, 0, hard, args.hard_neg_frac))
     micro_per_epoch = math.ceil(math.ceil(n_epoch_rows / world) / args.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / args.accum)
     total_steps = steps_per_epoch * args.epochs
     warmup = int(round(args.warmup * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, args.schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    aug_gen = torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)
+    aug_gen = torch.Generator().manual_seed(args.run_seed * 1000 + 17 + rank)
     aug_cfg = AugmentConfig()
 
     start_epoch, start_micro, step, best = 0, 0, 0, -math.inf
@@ -658,7 +665,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     stop = False
     t_last = time.time()
     for epoch in range(start_epoch, args.epochs):
-        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch, hard, args.hard_neg_frac)
+        rows = epoch_rows(pos, neg, args.neg_ratio, args.run_seed, epoch, hard, args.hard_neg_frac)
         # DistributedSampler (shuffle=False: rows are already shuffled per epoch, seeded) shards
         # the epoch across processes exactly as the sampler does for any dataset.
         sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
@@ -798,7 +805,7 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
         "training": {"encoder": args.encoder, "weights": str(args.weights) if args.weights else None,
                      "epochs": args.epochs, "best_epoch": best["epoch"], "steps": step, "loss": args.loss,
                      "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "neg_ratio": args.neg_ratio,
-                     "hard_neg_frac": args.hard_neg_frac,
+                     "hard_neg_frac": args.hard_neg_frac, "run_seed": args.run_seed,
                      "augment": not args.no_augment, "preset": args.preset},
         "validation": {**{k: v for k, v in best["summary"].items() if isinstance(v, (int, float))},
                        "calibration": {k: v for k, v in cal.items() if k != "grid"}, "case_check": checks},
