@@ -8,14 +8,16 @@ layout. The stack is too large to commit (351 MB raw), so it is regenerated with
 fetaliqa.simulate (seed SEED) and its pixels are checked against the committed
 test/sample/input.fingerprint.json: the sha256 of the pixels, or, where that differs, every
 frame's pixel sum within FRAME_SUM_TOLERANCE. The second test exists because the same
-pinned numpy renders a few pixels one grey level apart on CPUs with AVX-512 (its vectorised
-exp/sin/cos round differently from the AVX2 paths: 145 of 351 million pixels on an AMD EPYC
-host); a change of the simulator or of the seed moves frame sums by thousands. An existing
-sample that passes is left alone. --write-checksum records a new fingerprint (after an
-intended simulator change; the expected outputs in test/sample/expected/ must then be
-regenerated too). --no-check writes the case even when it fails the check (other
-numpy/SciPy/OpenCV versions than the pinned ones; the expected outputs then need not apply). --ground-truth DIR also writes the case's reference
-masks and ACs in the evaluator layout, for scoring.
+pinned numpy renders a few pixels one grey level apart on CPUs with AVX-512: its AVX-512
+code paths round some results differently from the AVX2 ones (145 of 351 million pixels on
+an AMD EPYC host; NPY_DISABLE_CPU_FEATURES="AVX512F AVX512CD AVX512_SKX AVX512_CLX
+AVX512_CNL AVX512_ICL" there gives the exact pixels back). A change of the simulator or of
+the seed moves frame sums by thousands. An existing sample that passes is left alone.
+--write-checksum records a new fingerprint (after an intended simulator change; the
+expected outputs in test/sample/expected/ must then be regenerated too). --no-check writes
+the case even when it fails the check (other numpy/SciPy/OpenCV versions than the pinned
+ones; the expected outputs then need not apply). --ground-truth DIR also writes the case's
+reference masks and ACs in the evaluator layout, for scoring.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def check(got: dict, want: dict | None) -> tuple[bool, str]:
     n, worst = int((drift > 0).sum()), int(drift.max())
     if worst <= FRAME_SUM_TOLERANCE:
         return True, (f"pixels not bit-identical, frame sums within rounding ({n} frames differ, by at most "
-                      f"{worst} grey levels; this CPU's vectorised maths rounds differently): same sample")
+                      f"{worst} grey levels, as numpy's AVX-512 paths round): same sample")
     return False, (f"{n} frame sums differ, by up to {worst} grey levels (tolerance {FRAME_SUM_TOLERANCE}), "
                    f"first in frame {int(np.argmax(drift > FRAME_SUM_TOLERANCE))}")
 
