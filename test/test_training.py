@@ -470,7 +470,13 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     assert by_area.sum() > fr3["good"].sum() > 0
     lab = fr3["label"] > 0
     assert three["frame_area_rule"]["f1"] == pytest.approx(2 * (by_area & lab).sum() / (by_area.sum() + lab.sum()))
-    assert "frame decision by area alone" in capsys.readouterr().out
+    # the hindsight bound: the best F1 of any cut on q over these frames, by brute force
+    ceiling = max(2 * (lab & (fr3["q"] >= t)).sum() / (lab.sum() + (fr3["q"] >= t).sum())
+                  for t in np.unique(fr3["q"][fr3["q"] > 0]))
+    assert three["frame"]["f1_best_cut"] == pytest.approx(ceiling) and ceiling >= three["frame"]["f1"]
+    out = capsys.readouterr().out
+    assert "frame decision by area alone" in out and f"best quality-score cut for these very frames (hindsight; " \
+        f"no cut on this score does better): {ceiling:.3f}" in out
     # where the false positives lie, from the simulator's geometry of the same frames
     fp = fr3["good"] & ~lab
     w = three["false_positives"]

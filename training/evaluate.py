@@ -31,6 +31,8 @@ from fetaliqa.model import load_exported
 from fetaliqa.model.config import PUBLISHED_THRESHOLDS
 from fetaliqa.pipeline import FastSearch
 
+from .calibrate import best_cut
+
 
 # Selection rules compared by --compare (one exhaustive model pass per case, each rule replayed
 # on its statistics): name -> ModelConfig changes; "search": a FastSearch replayed instead of
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": str(args.model), "cases": args.cases, "seed": None if args.data else args.seed,
                "frames": int(len(lab)), "positive_frames": int(lab.sum()),
                "frame": {k: fm_decision[k] for k in ("f1", "precision", "recall", "specificity")}
-               | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"]},
+               | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"],
+                  "f1_best_cut": best_cut(q, lab, float(np.finfo(np.float32).tiny))[0]},
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
     if cfg.score_threshold is not None:  # the area rule on the same frames, for comparison
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {f['f1']:.3f} | {f['precision']:.3f} | {f['recall']:.3f} | {f['auroc']:.3f} | {c['wfss']:.3f} | "
           f"{c['dice_soft']:.3f} | {c['nae_ac']:.3f} | {c['score']:.3f} |")
+    print(f"frame F1 of the best quality-score cut for these very frames (hindsight; no cut on this "
+          f"score does better): {f['f1_best_cut']:.3f}")
     if "frame_area_rule" in summary:
         a = summary["frame_area_rule"]
         print(f"frame decision by area alone (area >= {cfg.area_threshold:.4f}): F1 {a['f1']:.3f}, "
