@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               "--write-checksum and regenerate test/sample/expected/ (--no-check writes the case anyway)",
               file=sys.stderr)
         return 1
-    elif what != "checksum ok":
+    elif got["sha256"] != want["sha256"]:  # passed by frame sums, not bit for bit: say so
         print(f"[sample] {what}", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(case.stack)
