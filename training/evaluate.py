@@ -31,7 +31,7 @@ from fetaliqa.model import load_exported
 from fetaliqa.model.config import PUBLISHED_THRESHOLDS
 from fetaliqa.pipeline import FastSearch
 
-from .calibrate import best_cut
+from .calibrate import calibrate_score_threshold
 
 
 # Selection rules compared by --compare (one exhaustive model pass per case, each rule replayed
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                "frames": int(len(lab)), "positive_frames": int(lab.sum()),
                "frame": {k: fm_decision[k] for k in ("f1", "precision", "recall", "specificity")}
                | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"],
-                  "f1_best_cut": best_cut(q, lab, float(np.finfo(np.float32).tiny))[0]},
+                  "f1_best_cut": calibrate_score_threshold(q, lab)["f1"]},  # calibration's cut, in hindsight
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
     if cfg.score_threshold is not None:  # the area rule on the same frames, for comparison
