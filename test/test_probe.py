@@ -1,0 +1,87 @@
+"""training.probe: a frame classifier trained from scratch on a run's cache and split."""
+
+import json
+
+import numpy as np
+import pytest
+
+from training import probe
+from training.cache import CacheWriter
+from training.splits import make_split
+
+SIZE = 64
+
+
+def _write_run(tmp_path, n_cases=10, frames=40):
+    """A run folder (args.json, split.json) over a cache whose annotated frames hold a bright
+    disc and whose other frames a bright square of the same area, both on speckle."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    w = CacheWriter(tmp_path / "cache", n_cases * frames, SIZE, {"config": {"size": SIZE}})
+    for c in range(n_cases):
+        lab = np.zeros(frames, np.uint8)
+        lab[rng.choice(frames, 8, replace=False)] = 2
+        img = rng.integers(20, 90, (frames, SIZE, SIZE)).astype(np.uint8)
+        masks = np.zeros_like(img)
+        for f in range(frames):
+            cy, cx = rng.integers(20, SIZE - 20, 2)
+            if lab[f]:
+                shape = (yy - cy) ** 2 + (xx - cx) ** 2 <= 81
+                masks[f][shape] = lab[f]
+            else:
+                shape = (abs(yy - cy) <= 7) & (abs(xx - cx) <= 7)
+            img[f][shape] = 230
+        w.add({"uuid": f"case{c}", "subject_id": f"s{c}"}, img, masks, np.zeros(frames, np.int16),
+              np.arange(frames), lab)
+    cache = w.close()
+    run = tmp_path / "run"
+    run.mkdir()
+    make_split({c["uuid"]: c["subject_id"] for c in cache.cases}, 5, 0).save(run / "split.json")
+    (run / "args.json").write_text(json.dumps({
+        "cache": str(cache.root), "data": None, "selection": "all", "image_size": SIZE, "patch_size": 16,
+        "backbone": "fetalclip-small", "decoder_width": 16, "label_policy": "any"}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _write_run(tmp_path_factory.mktemp("probe"))
+
+
+def test_cnn_probe_learns_a_separable_label_and_writes_its_report(run, tmp_path, capsys):
+    out = tmp_path / "cnn"
+    assert probe.main(["--run", str(run), "--arch", "cnn", "--width", "8", "--steps", "60", "--batch-size", "16",
+                       "--lr", "3e-3", "--threads", "2", "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "probe.json").read_text())
+    assert rep["steps"] == 60 and rep["validation_frames"] == 80 and rep["validation_positives"] == 16
+    assert rep["auroc"] > 0.95 and rep["f1_best_cut"] > 0.8  # disc vs square of the same area: learnable
+    scores = np.load(out / "val_scores.npy")
+    assert scores.shape == (80,) and np.all((scores >= 0) & (scores <= 1))
+    assert rep["run_model"] is None  # no calibration.json in this run folder
+    assert f"AUROC {rep['auroc']:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["vit", "vit-conv"])
+def test_vit_probes_train_the_runs_geometry(run, tmp_path, arch):
+    out = tmp_path / arch
+    assert probe.main(["--run", str(run), "--arch", arch, "--steps", "3", "--batch-size", "8",
+                       "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "probe.json").read_text())
+    assert rep["steps"] == 3 and 0 <= rep["auroc"] <= 1
+    net, kind = probe.build_probe(arch, json.loads((run / "args.json").read_text()), 8)
+    enc = net.model.encoder
+    assert kind == "raw" and all(p.requires_grad for p in net.parameters())
+    assert enc.grid_size == ((SIZE // 8,) * 2 if arch == "vit-conv" else (SIZE // 16,) * 2)
+    assert isinstance(enc.conv1, probe.nn.Sequential) == (arch == "vit-conv")
+
+
+def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run(run, tmp_path, capsys):
+    (run / "calibration.json").write_text(json.dumps({
+        "f1": 0.22, "calibrated": {"auroc": 0.83, "auprc": 0.1}, "score_decision": {"f1": 0.35}}))
+    try:
+        assert probe.run_model_figures(run) == {"auroc": 0.83, "auprc": 0.1, "f1_area_cut": 0.22,
+                                                "f1_quality_score_cut": 0.35}
+    finally:
+        (run / "calibration.json").unlink()
+    with pytest.raises(SystemExit, match="no args.json"):
+        probe.main(["--run", str(tmp_path), "--no-progress"])

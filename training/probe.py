@@ -1,0 +1,239 @@
+"""Learnability probe: can a frame classifier trained from scratch tell annotated frames apart?
+
+``python -m training.probe --run RUN --arch cnn|vit|vit-conv`` trains a small binary frame
+classifier on a training run's own frame cache and training cases (``RUN/args.json``,
+``RUN/split.json``), with the run's augmentation and epoch sampling (all positives plus
+``--neg-ratio`` x as many negatives), BCE, AdamW with warmup and cosine decay, for a fixed
+number of steps, then scores every frame of the run's validation cases and reports frame
+AUROC, AUPRC and the F1 of the best cut chosen in hindsight on those frames (an upper bound
+for that classifier's per-frame decision). Beside it, the same figures of the run's own
+model from its ``calibration.json``.
+
+It is a diagnostic, not part of the product: it separates what the labels demand from what
+a given encoder learns in a given budget. Architectures:
+
+- ``cnn``: five stages of two 3x3 convolutions with batch norm (widths w, 2w, 4w, 8w, 8w),
+  max-pooling between them, global average pooling, a linear head; a convolutional bias.
+- ``vit``: the run's own vision tower (geometry from ``RUN/args.json``) with FetalCLIP-CLS's
+  linear head on the pooled token, every weight trained.
+- ``vit-conv``: that tower with 8-pixel tokens embedded by three stride-2 3x3 convolutions
+  with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
+  Xiao et al. 2021).
+
+Writes ``OUT/probe.json`` (figures, settings, per-step losses every 50 steps) and
+``OUT/val_scores.npy`` (one probability per validation frame, in cache row order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fetaliqa.metrics import frame_metrics
+from fetaliqa.model import build_model
+from fetaliqa.preprocess import normalize
+
+from .augment import AugmentConfig, augment_batch
+from .cache import FrameCache
+from .calibrate import calibrate_score_threshold
+from .splits import Split
+
+ARCHS = ("cnn", "vit", "vit-conv")
+
+
+def _cbr(i: int, o: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+
+def small_cnn(width: int = 32) -> nn.Module:
+    """(B, 1, S, S) standardised grey frames -> (B,) logits."""
+    w = [width, 2 * width, 4 * width, 8 * width, 8 * width]
+    layers: list[nn.Module] = []
+    for k, (i, o) in enumerate(zip([1] + w[:-1], w)):
+        layers += (_cbr(i, o) + _cbr(o, o)) + ([nn.MaxPool2d(2)] if k < len(w) - 1 else [])
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w[-1], 1), nn.Flatten(0))
+
+
+class ViTClassifier(nn.Module):
+    """A run's vision tower + CLS head on (B, 1, S, S) grey frames in 0..255 -> (B,) logits."""
+
+    def __init__(self, run_args: dict, conv_stem: bool) -> None:
+        super().__init__()
+        from .train import build_parser, model_config
+
+        args = build_parser().parse_args(["--out", "unused", "--cache", "unused"])
+        for k in ("backbone", "image_size", "patch_size", "decoder_width"):
+            if run_args.get(k) is not None:
+                setattr(args, k, run_args[k])
+        args.heads, args.encoder = "cls", "full"
+        if conv_stem:
+            args.patch_size = 8
+        cfg = model_config(args)
+        self.model = build_model(cfg, adapters=False)
+        if conv_stem:
+            width = int(cfg.vision_cfg()["width"])
+            self.model.encoder.conv1 = nn.Sequential(*_cbr(3, 24, 2), *_cbr(24, 48, 2), *_cbr(48, 96, 2),
+                                                     nn.Conv2d(96, width, 1))
+        for p in self.model.parameters():
+            p.requires_grad = True
+        self.mean, self.std = cfg.mean, cfg.std
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(grey.squeeze(1), self.mean, self.std))["cls"]
+
+
+def build_probe(arch: str, run_args: dict, width: int) -> tuple[nn.Module, str]:
+    """The classifier and the input it wants: "standard" ((x - 128) / 64) or "raw" (0..255)."""
+    if arch == "cnn":
+        return small_cnn(width), "standard"
+    if arch in ("vit", "vit-conv"):
+        return ViTClassifier(run_args, conv_stem=arch == "vit-conv"), "raw"
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def _inputs(frames: torch.Tensor, kind: str) -> torch.Tensor:
+    return ((frames - 128) / 64 if kind == "standard" else frames).unsqueeze(1)
+
+
+def run_cache(run: Path, run_args: dict) -> Path:
+    if run_args.get("cache"):
+        return Path(run_args["cache"])
+    if not run_args.get("data"):
+        raise ValueError(f"{run}/args.json names neither a cache nor a data folder")
+    return Path(run_args["data"]) / ".fetaliqa_cache" / f"{run_args['selection']}-{run_args['image_size']}"
+
+
+def run_model_figures(run: Path) -> dict | None:
+    """The run's own model on the same validation frames, from its calibration.json: AUROC and
+    AUPRC of its foreground area, F1 at its area cut and (when calibrated) at its quality-score cut."""
+    path = run / "calibration.json"
+    if not path.exists():
+        return None
+    cal = json.loads(path.read_text())
+    ranked = cal.get("calibrated") or {}
+    out = {"auroc": ranked.get("auroc"), "auprc": ranked.get("auprc"), "f1_area_cut": cal.get("f1")}
+    if isinstance(cal.get("score_decision"), dict):
+        out["f1_quality_score_cut"] = cal["score_decision"].get("f1")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="a training run folder (args.json, split.json)")
+    p.add_argument("--cache", type=Path, help="frame cache (default: the run's)")
+    p.add_argument("--arch", choices=ARCHS, default="cnn")
+    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=50, help="warmup steps")
+    p.add_argument("--neg-ratio", type=float, default=2.0)
+    p.add_argument("--width", type=int, default=32, help="first stage width of the cnn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, help="default: RUN/probe-ARCH")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        sys.exit("--steps and --batch-size must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for need in ("args.json", "split.json"):
+        if not (args.run / need).exists():
+            sys.exit(f"{args.run}: no {need}; --run takes the folder `python -m training.train --out` wrote")
+    run_args = json.loads((args.run / "args.json").read_text())
+    cache = FrameCache(args.cache or run_cache(args.run, run_args))
+    split = Split.load(args.run / "split.json")
+    labels = cache.binary_labels(run_args.get("label_policy", "any"))
+    train_rows, val_rows = cache.rows_of(split.train), cache.rows_of(split.val)
+    pos, neg = train_rows[labels[train_rows]], train_rows[~labels[train_rows]]
+    if not len(pos) or not labels[val_rows].any():
+        sys.exit("the probe needs annotated frames in both the training and the validation cases")
+
+    from .train import epoch_rows, lr_factor
+
+    torch.manual_seed(args.seed)
+    net, kind = build_probe(args.arch, run_args, args.width)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    aug = AugmentConfig()
+    out = args.out or args.run / f"probe-{args.arch}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"probe {args.arch}: {sum(p.numel() for p in net.parameters()):,} parameters; "
+          f"{len(pos)} annotated of {len(train_rows)} training frames, {int(labels[val_rows].sum())} of "
+          f"{len(val_rows)} validation frames; {args.steps} steps of {args.batch_size}", file=sys.stderr)
+    net.train()
+    losses, curve, t0, step, epoch = [], [], time.time(), 0, 0
+    bar = tqdm(total=args.steps, desc="probe", unit="step", disable=not args.progress)
+    while step < args.steps:
+        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch)
+        for k in range(0, len(rows) - args.batch_size + 1, args.batch_size):
+            batch = np.sort(rows[k:k + args.batch_size])
+            x, _ = augment_batch(torch.from_numpy(cache.frames[batch].astype(np.float32)),
+                                 torch.from_numpy(cache.masks[batch]), aug, gen)
+            y = torch.from_numpy(labels[batch].astype(np.float32))
+            for g in opt.param_groups:
+                g["lr"] = args.lr * lr_factor(step, args.steps, args.warmup, "cosine")
+            loss = F.binary_cross_entropy_with_logits(net(_inputs(x, kind)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update()
+            if step % 50 == 0:
+                curve.append({"step": step, "loss": float(np.mean(losses[-50:]))})
+                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
+            if step == args.steps:
+                break
+        epoch += 1
+    bar.close()
+    minutes = (time.time() - t0) / 60
+
+    net.eval()
+    scores = []
+    with torch.no_grad():
+        for k in range(0, len(val_rows), 256):
+            x = torch.from_numpy(cache.frames[val_rows[k:k + 256]].astype(np.float32))
+            scores.append(torch.sigmoid(net(_inputs(x, kind))).numpy())
+    s, y = np.concatenate(scores), labels[val_rows]
+    ranked = frame_metrics(s, y, 0.5)
+    best = calibrate_score_threshold(s, y)
+    result = {"arch": args.arch, "steps": step, "epochs_started": epoch, "train_minutes": round(minutes, 2),
+              "auroc": ranked["auroc"], "auprc": ranked["auprc"], "f1_best_cut": best["f1"],
+              "best_cut": best.get("score_threshold"), "f1_at_0.5": ranked["f1"],
+              "validation_frames": int(len(val_rows)), "validation_positives": int(y.sum()),
+              "run_model": run_model_figures(args.run), "settings": {k: str(v) if isinstance(v, Path) else v
+                                                                     for k, v in vars(args).items()},
+              "loss_curve": curve}
+    np.save(out / "val_scores.npy", s.astype(np.float32))
+    (out / "probe.json").write_text(json.dumps(result, indent=1, allow_nan=True))
+    print(f"{args.arch}, {step} steps in {minutes:.1f} min: validation frames AUROC {ranked['auroc']:.3f}, "
+          f"AUPRC {ranked['auprc']:.3f}, F1 of the best cut (hindsight) {best['f1']:.3f}")
+    rm = result["run_model"]
+    if rm and rm.get("auroc") is not None:
+        extra = (f", quality-score cut {rm['f1_quality_score_cut']:.3f}"
+                 if rm.get("f1_quality_score_cut") is not None else "")
+        print(f"the run's own model on these frames (calibration.json): foreground area AUROC {rm['auroc']:.3f}, "
+              f"AUPRC {rm['auprc']:.3f}, F1 at its calibrated area cut {rm['f1_area_cut']:.3f}{extra}")
+    print(f"wrote {out / 'probe.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
