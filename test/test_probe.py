@@ -85,3 +85,15 @@ def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run
         (run / "calibration.json").unlink()
     with pytest.raises(SystemExit, match="no args.json"):
         probe.main(["--run", str(tmp_path), "--no-progress"])
+    # train.py's default cache location, the image size from the backbone when args.json has none
+    assert probe.run_cache(tmp_path, {"data": "d", "backbone": "FetalCLIP", "image_size": None}) == \
+        probe.Path("d/.fetaliqa_cache/published-224")
+    assert probe.run_cache(tmp_path, {"data": "d", "selection": "all", "image_size": 112}) == \
+        probe.Path("d/.fetaliqa_cache/all-112")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "split.json").write_text((run / "split.json").read_text())
+    (gone / "args.json").write_text(json.dumps({"data": str(tmp_path / "nowhere"), "selection": "all",
+                                                "image_size": 64, "backbone": "fetalclip-small"}))
+    with pytest.raises(SystemExit, match="not a frame cache.*\n.*--cache names the cache"):
+        probe.main(["--run", str(gone), "--no-progress"])

@@ -63,21 +63,26 @@ def small_cnn(width: int = 32) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w[-1], 1), nn.Flatten(0))
 
 
+def run_model_config(run_args: dict, *, heads: str = "seg", patch_size: int | None = None):
+    """The ModelConfig a run's args.json describes (geometry only: random init), via train's own parser."""
+    from .train import build_parser, model_config
+
+    args = build_parser().parse_args(["--out", "unused", "--cache", "unused"])
+    for k in ("backbone", "image_size", "patch_size", "decoder_width"):
+        if run_args.get(k) is not None:
+            setattr(args, k, run_args[k])
+    args.heads, args.encoder, args.weights = heads, "full", None
+    if patch_size is not None:
+        args.patch_size = patch_size
+    return model_config(args)
+
+
 class ViTClassifier(nn.Module):
     """A run's vision tower + CLS head on (B, 1, S, S) grey frames in 0..255 -> (B,) logits."""
 
     def __init__(self, run_args: dict, conv_stem: bool) -> None:
         super().__init__()
-        from .train import build_parser, model_config
-
-        args = build_parser().parse_args(["--out", "unused", "--cache", "unused"])
-        for k in ("backbone", "image_size", "patch_size", "decoder_width"):
-            if run_args.get(k) is not None:
-                setattr(args, k, run_args[k])
-        args.heads, args.encoder = "cls", "full"
-        if conv_stem:
-            args.patch_size = 8
-        cfg = model_config(args)
+        cfg = run_model_config(run_args, heads="cls", patch_size=8 if conv_stem else None)
         self.model = build_model(cfg, adapters=False)
         if conv_stem:
             width = int(cfg.vision_cfg()["width"])
@@ -105,11 +110,13 @@ def _inputs(frames: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def run_cache(run: Path, run_args: dict) -> Path:
+    """The frame cache the run trained on (train.py's default location when it named none)."""
     if run_args.get("cache"):
         return Path(run_args["cache"])
     if not run_args.get("data"):
         raise ValueError(f"{run}/args.json names neither a cache nor a data folder")
-    return Path(run_args["data"]) / ".fetaliqa_cache" / f"{run_args['selection']}-{run_args['image_size']}"
+    size = run_args.get("image_size") or run_model_config(run_args).image_size
+    return Path(run_args["data"]) / ".fetaliqa_cache" / f"{run_args.get('selection', 'published')}-{size}"
 
 
 def run_model_figures(run: Path) -> dict | None:
@@ -155,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run / need).exists():
             sys.exit(f"{args.run}: no {need}; --run takes the folder `python -m training.train --out` wrote")
     run_args = json.loads((args.run / "args.json").read_text())
-    cache = FrameCache(args.cache or run_cache(args.run, run_args))
+    try:
+        cache = FrameCache(args.cache or run_cache(args.run, run_args))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{e}\n(paths in args.json are relative to where the run was started; --cache names the cache)")
     split = Split.load(args.run / "split.json")
     labels = cache.binary_labels(run_args.get("label_policy", "any"))
     train_rows, val_rows = cache.rows_of(split.train), cache.rows_of(split.val)
