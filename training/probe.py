@@ -20,7 +20,7 @@ a given encoder learns in a given budget. Architectures:
   with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
   Xiao et al. 2021).
 
-Writes ``OUT/probe.json`` (figures, settings, per-step losses every 50 steps) and
+Writes ``OUT/probe.json`` (figures, settings, the mean training loss of every 50 steps) and
 ``OUT/val_scores.npy`` (one probability per validation frame, in cache row order).
 """
 
