@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=args.steps, desc="probe", unit="step", disable=not args.progress)
     while step < args.steps:
         rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch)
+        if len(rows) < args.batch_size:
+            sys.exit(f"an epoch holds {len(rows)} frames, fewer than --batch-size {args.batch_size}")
         for k in range(0, len(rows) - args.batch_size + 1, args.batch_size):
             batch = np.sort(rows[k:k + args.batch_size])
             x, _ = augment_batch(torch.from_numpy(cache.frames[batch].astype(np.float32)),
