@@ -75,7 +75,7 @@ def test_vit_probes_train_the_runs_geometry(run, tmp_path, arch):
     assert isinstance(enc.conv1, probe.nn.Sequential) == (arch == "vit-conv")
 
 
-def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run(run, tmp_path, capsys):
+def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run(run, tmp_path):
     (run / "calibration.json").write_text(json.dumps({
         "f1": 0.22, "calibrated": {"auroc": 0.83, "auprc": 0.1}, "score_decision": {"f1": 0.35}}))
     try:
