@@ -115,8 +115,10 @@ def run_cache(run: Path, run_args: dict) -> Path:
         return Path(run_args["cache"])
     if not run_args.get("data"):
         raise ValueError(f"{run}/args.json names neither a cache nor a data folder")
+    from .train import default_cache_dir
+
     size = run_args.get("image_size") or run_model_config(run_args).image_size
-    return Path(run_args["data"]) / ".fetaliqa_cache" / f"{run_args.get('selection', 'published')}-{size}"
+    return default_cache_dir(run_args["data"], run_args.get("selection", "published"), size)
 
 
 def run_model_figures(run: Path) -> dict | None:
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     best = calibrate_score_threshold(s, y)
     result = {"arch": args.arch, "steps": step, "epochs_started": epoch, "train_minutes": round(minutes, 2),
               "auroc": ranked["auroc"], "auprc": ranked["auprc"], "f1_best_cut": best["f1"],
-              "best_cut": best.get("score_threshold"), "f1_at_0.5": ranked["f1"],
+              "best_cut": best["score_threshold"], "f1_at_0.5": ranked["f1"],
               "validation_frames": int(len(val_rows)), "validation_positives": int(y.sum()),
               "run_model": run_model_figures(args.run), "settings": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},

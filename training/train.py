@@ -531,12 +531,17 @@ class Log:
 
 
 # ----------------------------------------------------------------------------- main
+def default_cache_dir(data: Path, selection: str, image_size: int) -> Path:
+    """Where a run keeps its frame cache when --cache names none."""
+    return Path(data) / ".fetaliqa_cache" / f"{selection}-{image_size}"
+
+
 def prepare_data(args, rank: int, world: int, image_size: int) -> tuple[FrameCache, Split, list]:
     records = []
     if args.data is not None:
         from .data import read_release
         records = read_release(args.data)
-        cache_dir = args.cache or args.data / ".fetaliqa_cache" / f"{args.selection}-{image_size}"
+        cache_dir = args.cache or default_cache_dir(args.data, args.selection, image_size)
         if rank == 0:
             build_cache(records, cache_dir, CacheConfig(size=image_size, selection=args.selection),
                         progress=args.progress, workers=args.cache_workers)
