@@ -137,6 +137,46 @@ def test_export_load_round_trip_without_peft(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _patch16(**kw) -> ModelConfig:
+    """A small config whose geometry has 16-pixel patches (the registered one has 14)."""
+    geo = json.loads(json.dumps(ModelConfig(**SMALL).open_clip_config()))
+    geo["vision_cfg"]["patch_size"] = 16
+    return ModelConfig(geometry=geo, **SMALL, **kw)
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    from fetaliqa.model.backbone import ConvStem
+    cfg = _patch16(heads=("seg", "cls"), encoder_mode="lora", stem="conv")
+    m = build_model(cfg, adapters=False)
+    stem = m.encoder.conv1
+    assert isinstance(stem, ConvStem)
+    convs = [c for c in stem if isinstance(c, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 1] * 4 + [1]  # log2(16) stages, then the 1x1 projection
+    assert [c.out_channels for c in convs] == [24, 24, 48, 48, 96, 96, 192, 192, 128]
+    x = torch.randn(2, 3, 224, 224)
+    assert stem(x).shape == (2, 128, 14, 14) and m.encoder.grid_size == (14, 14)
+    (m(x)["seg"].mean()).backward()
+    assert convs[0].weight.grad is None  # build_model leaves the encoder frozen until training unfreezes it
+    m.eval()
+    export_model(m, tmp_path, {"data": "sim"})
+    m2 = load_exported(tmp_path)
+    assert m2.config.stem == "conv" and isinstance(m2.encoder.conv1, ConvStem)
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        a, b = m(x), m2(x)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)  # same weights; kernels may reassociate
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "stem"}).stem == "patch"
+
+
+def test_conv_stem_refusals(tmp_path):
+    with pytest.raises(ValueError, match="power of 2"):
+        ModelConfig(stem="conv", **SMALL)  # the registered small geometry has 14-pixel patches
+    with pytest.raises(ValueError, match="stem must be one of"):
+        ModelConfig(stem="hybrid", **SMALL)
+    with pytest.raises(ValueError, match="only for its patch embedding"):  # before any file is read
+        build_model(_patch16(stem="conv"), weights=tmp_path / "w.pt")
+
+
 def test_load_exported_refuses_mismatches(tmp_path):
     export_model(build_model(ModelConfig(**SMALL)), tmp_path, {})
     meta = json.loads((tmp_path / "model.json").read_text())

@@ -75,6 +75,15 @@ def test_vit_probes_train_the_runs_geometry(run, tmp_path, arch):
     assert isinstance(enc.conv1, probe.nn.Sequential) == (arch == "vit-conv")
 
 
+def test_vit_probe_builds_the_runs_own_stem(run):
+    from fetaliqa.model.backbone import ConvStem
+    args = {**json.loads((run / "args.json").read_text()), "stem": "conv"}  # a run trained with --stem conv
+    vit, _ = probe.build_probe("vit", args, 8)
+    assert isinstance(vit.model.encoder.conv1, ConvStem) and vit.model.encoder.grid_size == (SIZE // 16,) * 2
+    own, _ = probe.build_probe("vit-conv", args, 8)  # the probe's own 8-pixel stem replaces it
+    assert not isinstance(own.model.encoder.conv1, ConvStem) and own.model.encoder.grid_size == (SIZE // 8,) * 2
+
+
 def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run(run, tmp_path):
     (run / "calibration.json").write_text(json.dumps({
         "f1": 0.22, "calibrated": {"auroc": 0.83, "auprc": 0.1}, "score_decision": {"f1": 0.35}}))

@@ -291,10 +291,12 @@ def test_case_scores_put_cached_frames_back_at_their_stack_positions():
 
 
 # ----------------------------------------------------------------------------- loop
-def test_few_steps_lower_the_loss(cache112):
+@pytest.mark.parametrize("stem", [[], ["--stem", "conv", "--patch-size", "16"]], ids=["patch", "conv"])
+def test_few_steps_lower_the_loss(cache112, stem):
     cache = cache112
     torch.manual_seed(0)
-    args = T.parse_args(["--cache", str(cache.root), "--out", "x", "--encoder", "full", "--image-size", "112", *SMALL])
+    args = T.parse_args(["--cache", str(cache.root), "--out", "x", "--encoder", "full", "--image-size", "112", *SMALL,
+                         *stem])
     model = T.make_model(args)
     rows = np.flatnonzero(cache.binary_labels())[:2]
     x = normalize(torch.from_numpy(np.asarray(cache.frames[rows])).float())
@@ -496,3 +498,11 @@ def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):
         assert model(torch.zeros(1, 3, 112, 112))["seg"].shape == (1, 1, 112, 112)
     with pytest.raises(ValueError, match="pretrained"):
         T.model_config(T.parse_args([*base, "--patch-size", "8", "--weights", str(tmp_path / "w.pt")]))
+    conv = T.make_model(T.parse_args([*base, "--image-size", "112", "--patch-size", "16", "--stem", "conv",
+                                      "--decoder-width", "8", "--encoder", "full"]))
+    assert conv.config.stem == "conv" and conv.encoder.grid_size == (7, 7)
+    assert all(p.requires_grad for p in conv.encoder.conv1.parameters())  # trained from scratch with the rest
+    with torch.no_grad():
+        assert conv(torch.zeros(1, 3, 112, 112))["seg"].shape == (1, 1, 112, 112)
+    with pytest.raises(ValueError, match="--stem conv: pretrained"):
+        T.model_config(T.parse_args([*base, "--stem", "conv", "--patch-size", "16", "--weights", str(tmp_path)]))

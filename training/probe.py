@@ -14,8 +14,8 @@ a given encoder learns in a given budget. Architectures:
 
 - ``cnn``: five stages of two 3x3 convolutions with batch norm (widths w, 2w, 4w, 8w, 8w),
   max-pooling between them, global average pooling, a linear head; a convolutional bias.
-- ``vit``: the run's own vision tower (geometry from ``RUN/args.json``) with FetalCLIP-CLS's
-  linear head on the pooled token, every weight trained.
+- ``vit``: the run's own vision tower (geometry and stem from ``RUN/args.json``) with
+  FetalCLIP-CLS's linear head on the pooled token, every weight trained.
 - ``vit-conv``: that tower with 8-pixel tokens embedded by three stride-2 3x3 convolutions
   with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
   Xiao et al. 2021).
@@ -68,12 +68,12 @@ def run_model_config(run_args: dict, *, heads: str = "seg", patch_size: int | No
     from .train import build_parser, model_config
 
     args = build_parser().parse_args(["--out", "unused", "--cache", "unused"])
-    for k in ("backbone", "image_size", "patch_size", "decoder_width"):
+    for k in ("backbone", "image_size", "patch_size", "stem", "decoder_width"):
         if run_args.get(k) is not None:
             setattr(args, k, run_args[k])
     args.heads, args.encoder, args.weights = heads, "full", None
-    if patch_size is not None:
-        args.patch_size = patch_size
+    if patch_size is not None:  # another token size: the plain patch embedding of that size
+        args.patch_size, args.stem = patch_size, "patch"
     return model_config(args)
 
 

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--patch-size", type=int, default=0,
                    help="ViT patch side (0: the backbone's, 14); another size rebuilds the geometry for "
                         "random-init backbones, e.g. 8 at --image-size 112 gives a 14x14 token grid")
+    m.add_argument("--stem", choices=["patch", "conv"], default="patch",
+                   help="patch: FetalCLIP's patch embedding; conv: early convolutions (log2(patch) stride-2 "
+                        "3x3 convolutions) giving the same token grid, for random-init backbones; needs a "
+                        "power-of-2 --patch-size, e.g. 16")
     m.add_argument("--image-size", type=int, default=0,
                    help="model input side (0: the backbone's, 224); another size (e.g. 112, a multiple of 16 "
                         "and the patch size) rebuilds the geometry for random-init backbones: 4x cheaper at 112")
@@ -253,6 +257,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     # "full" trains every encoder weight: the encoder forward must keep its graph, which
     # ModelConfig's "lora" mode does; build_model(adapters=False) then injects no adapters.
     mode = "frozen" if args.encoder == "frozen" else "lora"
+    if args.stem != "patch" and args.weights is not None:
+        raise ValueError(f"--stem {args.stem}: pretrained {args.backbone} weights embed patches with their own "
+                         "patch embedding; drop --stem (or --weights to train from random init)")
     cfg = ModelConfig(backbone=args.backbone, heads=heads, decoder_width=args.decoder_width, encoder_mode=mode,
                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
     size = args.image_size or cfg.image_size
@@ -265,7 +272,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         geo = json.loads(json.dumps(cfg.open_clip_config()))  # a copy: the registry stays untouched
         geo["vision_cfg"].update(image_size=size, patch_size=patch)
         cfg = dataclasses.replace(cfg, image_size=size, geometry=geo)
-    return cfg
+    return dataclasses.replace(cfg, stem=args.stem) if args.stem != "patch" else cfg
 
 
 def make_model(args: argparse.Namespace) -> torch.nn.Module:

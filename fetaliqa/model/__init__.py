@@ -32,6 +32,9 @@ def build_model(cfg: ModelConfig, weights: str | Path | None = None, *, adapters
     from .backbone import load_fetalclip_weights
     from .lora import apply_lora
 
+    if weights is not None and cfg.stem != "patch":
+        raise ValueError(f"stem {cfg.stem!r}: FetalCLIP weights exist only for its patch embedding "
+                         "(stem 'patch'); train a 'conv' stem from random weights")
     model = FetalIQAModel(cfg)
     if weights is not None:
         load_fetalclip_weights(model.encoder, weights)

@@ -26,12 +26,36 @@ def build_vision_tower(cfg: ModelConfig) -> VisionTransformer:
     v = CLIPVisionCfg(**oc["vision_cfg"])
     if v.timm_model_name or not isinstance(v.layers, int):
         raise ValueError(f"backbone {cfg.backbone!r}: only plain ViT vision towers are supported")
-    return VisionTransformer(
+    visual = VisionTransformer(
         image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
         heads=v.width // v.head_width, mlp_ratio=v.mlp_ratio, ls_init_value=v.ls_init_value,
         output_dim=int(oc["embed_dim"]), pool_type=v.pool_type, no_ln_pre=v.no_ln_pre,
         final_ln_after_pool=v.final_ln_after_pool, act_layer=nn.GELU, norm_layer=LayerNorm,
         block_type=v.block_type)
+    if cfg.stem == "conv":
+        visual.conv1 = ConvStem(v.width, v.patch_size)
+    return visual
+
+
+class ConvStem(nn.Sequential):
+    """Convolutional stages in place of the patch embedding, for encoders trained from random
+    weights (early convolutions, after Xiao et al. 2021, with a second 3x3 convolution per
+    stage as in VGG/U-Net encoders): log2(patch_size) stages, each a stride-2 and a stride-1
+    3x3 convolution with batch norm and ReLU (24, 48, 96, ... channels), then a 1x1 projection
+    to the token width. Same token grid as a patch_size patch embedding, so it drops in as
+    ``conv1``.
+    """
+
+    def __init__(self, width: int, patch_size: int) -> None:
+        layers: list[nn.Module] = []
+        i = 3
+        for k in range(int(patch_size).bit_length() - 1):
+            o = 24 << k
+            for stride in (2, 1):
+                layers += [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o),
+                           nn.ReLU(inplace=True)]
+                i = o
+        super().__init__(*layers, nn.Conv2d(i, width, 1))
 
 
 def _truncate(keys: list[str], n: int = 8) -> str:

@@ -34,6 +34,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEADS = ("seg", "cls")
 ENCODER_MODES = ("frozen", "lora")
 CHOOSE_FROM = ("good", "all")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -102,6 +103,10 @@ class ModelConfig:
         its training cases); None = off.
     geometry: the open_clip model config (embed_dim, vision_cfg, ...); None -> looked up
         from the registry by ``backbone`` (filled in on export).
+    stem: how pixels become tokens. "patch": FetalCLIP's patch embedding (one patch_size x
+        patch_size convolution; the only stem FetalCLIP weights exist for); "conv": early
+        convolutions (``backbone.ConvStem``, same token grid; a power-of-2 patch size), for
+        encoders trained from random weights.
     """
 
     backbone: str = "FetalCLIP"
@@ -125,6 +130,7 @@ class ModelConfig:
     sweep_prior: tuple[float, ...] | None = None
     score_threshold: float | None = None
     geometry: dict[str, Any] | None = None
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         self.heads = tuple(self.heads)
@@ -136,6 +142,8 @@ class ModelConfig:
             raise ValueError(f"select_by must be one of {HEADS}, got {self.select_by!r}")
         if self.choose_from not in CHOOSE_FROM:
             raise ValueError(f"choose_from must be one of {CHOOSE_FROM}, got {self.choose_from!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         if not self.shape_power >= 0:
             raise ValueError(f"shape_power must be >= 0, got {self.shape_power!r}")
         if self.score_threshold is not None:
@@ -160,6 +168,10 @@ class ModelConfig:
             raise ValueError(f"taps {self.taps} must lie in 1..{layers} (1-based blocks of {self.backbone})")
         if self.image_size % 16 or self.image_size % int(self.vision_cfg()["patch_size"]):
             raise ValueError(f"image_size {self.image_size} must be divisible by 16 and by the patch size")
+        patch = int(self.vision_cfg()["patch_size"])
+        if self.stem == "conv" and (patch < 4 or patch & (patch - 1)):
+            raise ValueError(f"stem 'conv' halves the resolution per convolution: the patch size must be a "
+                             f"power of 2 >= 4, got {patch}")
 
     def open_clip_config(self) -> dict[str, Any]:
         """The open_clip model config (``geometry`` if set, else the registered one)."""
