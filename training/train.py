@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ViT patch side (0: the backbone's, 14); another size rebuilds the geometry for "
                         "random-init backbones, e.g. 8 at --image-size 112 gives a 14x14 token grid")
     m.add_argument("--stem", choices=["patch", "conv"], default="patch",
-                   help="patch: FetalCLIP's patch embedding; conv: early convolutions (log2(patch) stride-2 "
-                        "3x3 convolutions) giving the same token grid, for random-init backbones; needs a "
-                        "power-of-2 --patch-size, e.g. 16")
+                   help="patch: FetalCLIP's patch embedding; conv: log2(patch) convolutional stages (a stride-2 "
+                        "and a stride-1 3x3 convolution each) giving the same token grid, for random-init "
+                        "backbones; needs a power-of-2 --patch-size, e.g. 16")
     m.add_argument("--image-size", type=int, default=0,
                    help="model input side (0: the backbone's, 224); another size (e.g. 112, a multiple of 16 "
                         "and the patch size) rebuilds the geometry for random-init backbones: 4x cheaper at 112")
@@ -258,8 +258,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     # ModelConfig's "lora" mode does; build_model(adapters=False) then injects no adapters.
     mode = "frozen" if args.encoder == "frozen" else "lora"
     if args.stem != "patch" and args.weights is not None:
-        raise ValueError(f"--stem {args.stem}: pretrained {args.backbone} weights embed patches with their own "
-                         "patch embedding; drop --stem (or --weights to train from random init)")
+        raise ValueError(f"--stem {args.stem}: pretrained {args.backbone} weights exist only for its patch "
+                         "embedding; drop --stem (or --weights, to train from random init)")
     cfg = ModelConfig(backbone=args.backbone, heads=heads, decoder_width=args.decoder_width, encoder_mode=mode,
                       lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout))
     size = args.image_size or cfg.image_size
