@@ -75,6 +75,19 @@ def test_vit_probes_train_the_runs_geometry(run, tmp_path, arch):
     assert isinstance(enc.conv1, probe.nn.Sequential) == (arch == "vit-conv")
 
 
+def test_stem_probe_is_the_conv_stem_without_its_transformer(run, tmp_path):
+    from fetaliqa.model.backbone import ConvStem
+    args = json.loads((run / "args.json").read_text())
+    net, kind = probe.build_probe("stem", args, 8)
+    assert kind == "raw" and isinstance(net.net[0], ConvStem)
+    assert not any(isinstance(m, probe.nn.MultiheadAttention) for m in net.modules())
+    assert net(probe.torch.full((3, 1, SIZE, SIZE), 128.0)).shape == (3,)
+    out = tmp_path / "stem"
+    assert probe.main(["--run", str(run), "--arch", "stem", "--steps", "120", "--batch-size", "16", "--lr", "3e-3",
+                       "--threads", "2", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "probe.json").read_text())["auroc"] > 0.95  # disc vs square (1.000 on seeds 0-3)
+
+
 def test_vit_probe_builds_the_runs_own_stem(run):
     from fetaliqa.model.backbone import ConvStem
     args = {**json.loads((run / "args.json").read_text()), "stem": "conv"}  # a run trained with --stem conv

@@ -1,6 +1,6 @@
 """Learnability probe: can a frame classifier trained from scratch tell annotated frames apart?
 
-``python -m training.probe --run RUN --arch cnn|vit|vit-conv`` trains a small binary frame
+``python -m training.probe --run RUN --arch cnn|vit|vit-conv|stem`` trains a small binary frame
 classifier on a training run's own frame cache and training cases (``RUN/args.json``,
 ``RUN/split.json``), with the run's augmentation and epoch sampling (all positives plus
 ``--neg-ratio`` x as many negatives), BCE, AdamW with warmup and cosine decay, for a fixed
@@ -19,6 +19,9 @@ a given encoder learns in a given budget. Architectures:
 - ``vit-conv``: that tower with 8-pixel tokens embedded by three stride-2 3x3 convolutions
   with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
   Xiao et al. 2021).
+- ``stem``: the convolutional stem of ``--stem conv`` (``fetaliqa.model.backbone.ConvStem``,
+  16-pixel tokens of the run's width) with global average pooling and a linear head: that
+  tower without its transformer.
 
 Writes ``OUT/probe.json`` (figures, settings, the mean training loss of every 50 steps) and
 ``OUT/val_scores.npy`` (one probability per validation frame, in cache row order).
@@ -40,6 +43,7 @@ from tqdm import tqdm
 
 from fetaliqa.metrics import frame_metrics
 from fetaliqa.model import build_model
+from fetaliqa.model.backbone import ConvStem
 from fetaliqa.preprocess import normalize
 
 from .augment import AugmentConfig, augment_batch
@@ -47,7 +51,7 @@ from .cache import FrameCache
 from .calibrate import calibrate_score_threshold
 from .splits import Split
 
-ARCHS = ("cnn", "vit", "vit-conv")
+ARCHS = ("cnn", "vit", "vit-conv", "stem")
 
 
 def _cbr(i: int, o: int, stride: int = 1) -> list[nn.Module]:
@@ -96,12 +100,30 @@ class ViTClassifier(nn.Module):
         return self.model(normalize(grey.squeeze(1), self.mean, self.std))["cls"]
 
 
+class StemClassifier(nn.Module):
+    """``ConvStem`` (16-pixel tokens, the run's width) + global average pooling + a linear head,
+    on (B, 1, S, S) grey frames in 0..255 -> (B,) logits."""
+
+    def __init__(self, run_args: dict) -> None:
+        super().__init__()
+        cfg = run_model_config(run_args, heads="cls")
+        width = int(cfg.vision_cfg()["width"])
+        self.net = nn.Sequential(ConvStem(width, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
+                                 nn.Flatten(0))
+        self.mean, self.std = cfg.mean, cfg.std
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.net(normalize(grey.squeeze(1), self.mean, self.std))
+
+
 def build_probe(arch: str, run_args: dict, width: int) -> tuple[nn.Module, str]:
     """The classifier and the input it wants: "standard" ((x - 128) / 64) or "raw" (0..255)."""
     if arch == "cnn":
         return small_cnn(width), "standard"
     if arch in ("vit", "vit-conv"):
         return ViTClassifier(run_args, conv_stem=arch == "vit-conv"), "raw"
+    if arch == "stem":
+        return StemClassifier(run_args), "raw"
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
