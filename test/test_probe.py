@@ -94,7 +94,9 @@ def test_vit_probe_builds_the_runs_own_stem(run):
     vit, _ = probe.build_probe("vit", args, 8)
     assert isinstance(vit.model.encoder.conv1, ConvStem) and vit.model.encoder.grid_size == (SIZE // 16,) * 2
     own, _ = probe.build_probe("vit-conv", args, 8)  # the probe's own 8-pixel stem replaces it
-    assert not isinstance(own.model.encoder.conv1, ConvStem) and own.model.encoder.grid_size == (SIZE // 8,) * 2
+    convs = [m for m in own.model.encoder.conv1 if isinstance(m, probe.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 1]  # one convolution per stage, not the run's two
+    assert own.model.encoder.grid_size == (SIZE // 8,) * 2
 
 
 def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run(run, tmp_path):

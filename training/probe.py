@@ -18,7 +18,7 @@ a given encoder learns in a given budget. Architectures:
   FetalCLIP-CLS's linear head on the pooled token, every weight trained.
 - ``vit-conv``: that tower with 8-pixel tokens embedded by three stride-2 3x3 convolutions
   with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
-  Xiao et al. 2021).
+  Xiao et al. 2021: ``ConvStem`` with one convolution per stage).
 - ``stem``: the convolutional stem of ``--stem conv`` (``fetaliqa.model.backbone.ConvStem``,
   16-pixel tokens of the run's width) with global average pooling and a linear head: that
   tower without its transformer.
@@ -54,8 +54,8 @@ from .splits import Split
 ARCHS = ("cnn", "vit", "vit-conv", "stem")
 
 
-def _cbr(i: int, o: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+def _cbr(i: int, o: int) -> list[nn.Module]:
+    return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
 
 def small_cnn(width: int = 32) -> nn.Module:
@@ -89,9 +89,7 @@ class ViTClassifier(nn.Module):
         cfg = run_model_config(run_args, heads="cls", patch_size=8 if conv_stem else None)
         self.model = build_model(cfg, adapters=False)
         if conv_stem:
-            width = int(cfg.vision_cfg()["width"])
-            self.model.encoder.conv1 = nn.Sequential(*_cbr(3, 24, 2), *_cbr(24, 48, 2), *_cbr(48, 96, 2),
-                                                     nn.Conv2d(96, width, 1))
+            self.model.encoder.conv1 = ConvStem(int(cfg.vision_cfg()["width"]), 8, convs_per_stage=1)
         for p in self.model.parameters():
             p.requires_grad = True
         self.mean, self.std = cfg.mean, cfg.std

@@ -272,7 +272,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         geo = json.loads(json.dumps(cfg.open_clip_config()))  # a copy: the registry stays untouched
         geo["vision_cfg"].update(image_size=size, patch_size=patch)
         cfg = dataclasses.replace(cfg, image_size=size, geometry=geo)
-    return dataclasses.replace(cfg, stem=args.stem) if args.stem != "patch" else cfg
+    return dataclasses.replace(cfg, stem=args.stem)
 
 
 def make_model(args: argparse.Namespace) -> torch.nn.Module:

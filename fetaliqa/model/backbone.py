@@ -39,19 +39,19 @@ def build_vision_tower(cfg: ModelConfig) -> VisionTransformer:
 
 class ConvStem(nn.Sequential):
     """Convolutional stages in place of the patch embedding, for encoders trained from random
-    weights (early convolutions, after Xiao et al. 2021, with a second 3x3 convolution per
-    stage as in VGG/U-Net encoders): log2(patch_size) stages, each a stride-2 and a stride-1
-    3x3 convolution with batch norm and ReLU (24, 48, 96, ... channels), then a 1x1 projection
-    to the token width. Same token grid as a patch_size patch embedding, so it drops in as
-    ``conv1``.
+    weights (early convolutions, after Xiao et al. 2021, by default with a second 3x3
+    convolution per stage as in VGG/U-Net encoders): log2(patch_size) stages, each a stride-2
+    3x3 convolution followed by ``convs_per_stage - 1`` stride-1 ones, all with batch norm and
+    ReLU (24, 48, 96, ... channels), then a 1x1 projection to the token width. Same token grid
+    as a patch_size patch embedding, so it drops in as ``conv1``.
     """
 
-    def __init__(self, width: int, patch_size: int) -> None:
+    def __init__(self, width: int, patch_size: int, convs_per_stage: int = 2) -> None:
         layers: list[nn.Module] = []
         i = 3
         for k in range(int(patch_size).bit_length() - 1):
             o = 24 << k
-            for stride in (2, 1):
+            for stride in (2,) + (1,) * (convs_per_stage - 1):
                 layers += [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o),
                            nn.ReLU(inplace=True)]
                 i = o
