@@ -388,7 +388,7 @@ def _compare_search(args, device: torch.device, tmp: Path) -> int:
         full = FrameScorer(stack, model, device=device, batch_size=args.batch_size, amp=amp,
                            progress=sys.stderr.isatty())
         cache = out / "stats" / f"{uuid}-{fingerprint}.npz"
-        keys = (*SEG_STATS, "cls_prob", "scored")
+        keys = (*SEG_STATS, "cls_prob", "frame_prob", "scored")
         z = np.load(cache) if cache.is_file() else None
         if z is not None and all(k in z for k in keys):  # a cache from before a statistic existed is stale
             for k in keys:

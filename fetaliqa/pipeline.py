@@ -96,7 +96,7 @@ class Analysis:
 class FrameScorer:
     """Runs ``model`` over chosen frames of ``stack``; per-frame results in float32 arrays
     (nan = not scored yet): ``area``, ``mean_fg``, ``peak``, ``shape`` (SEG, at the config's
-    pixel threshold) and ``cls_prob`` (CLS). ``also_at``: further pixel thresholds whose SEG
+    pixel threshold), ``cls_prob`` (CLS) and ``frame_prob`` (frame head). ``also_at``: further pixel thresholds whose SEG
     statistics are kept in ``stats_at[t]`` from the same model pass (``ReplayScorer`` with
     another config replays them: several threshold policies for the price of one)."""
 
@@ -120,7 +120,7 @@ class FrameScorer:
 
     def _allocate(self, n: int) -> None:
         """The per-frame results of an n-frame stack, nothing scored yet."""
-        for k in (*SEG_STATS, "cls_prob"):
+        for k in (*SEG_STATS, "cls_prob", "frame_prob"):
             setattr(self, k, np.full(n, np.nan, np.float32))
         self.scored = np.zeros(n, bool)
 
@@ -145,6 +145,8 @@ class FrameScorer:
                         a[idx] = st[k].cpu().numpy()
             if "cls" in out:
                 self.cls_prob[idx] = out["cls"].cpu().numpy()
+            if "frame" in out:
+                self.frame_prob[idx] = out["frame"].cpu().numpy()
             self.scored[idx] = True
             bar.update(len(idx))
         bar.close()
@@ -160,7 +162,8 @@ class FrameScorer:
             p = self.cls_prob
             return p.copy(), np.nan_to_num(p, nan=-1.0) >= cfg.cls_threshold, None
         scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)),
-                            shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
+                            shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior,
+                            frame_prob=self.frame_prob if "frame" in cfg.heads else None)
         if cfg.score_threshold is not None:
             return scores, np.nan_to_num(scores, nan=-1.0) >= cfg.score_threshold, self.peak
         return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
@@ -196,7 +199,7 @@ class ReplayScorer(FrameScorer):
             raise ValueError(f"pixel threshold {t} was not kept by the source scorer "
                              f"(kept: {sorted(source.stats_at)}); create it with also_at=[{t}]")
         self._src = dict(zip(SEG_STATS, source.stats_at.get(t, (None,) * len(SEG_STATS))),
-                         cls_prob=source.cls_prob)
+                         cls_prob=source.cls_prob, frame_prob=source.frame_prob)
         self.prob_cache = {} if prob_cache is None else prob_cache
         self._allocate(len(source.scored))
 

@@ -2,15 +2,18 @@
 
 Quality score of a scored frame i (SEG):
     raw_i   = mean foreground probability_i x foreground area fraction_i x shape_i ** shape_power
+              [x frame_i]
               (foreground = 224x224 pixels with probability > pixel_threshold)
     score_i = (raw_i + support_i) / 2 x sweep_prior[sweep of i],  support_i = mean raw over
               the scored frames within +-temporal_window of i in the same sweep (i included)
 so an isolated confident blob ranks below a frame inside a run of abdomen views.
 shape_i (``frame_stats``) is 1 for a filled disk and falls for elongated, ragged or
 scattered foreground: the abdominal plane is measured on a near-round section, while a
-sagittal sweep shows the trunk lengthwise. sweep_prior (6 weights, one per protocol sweep:
-1-3 transverse, 4-6 sagittal) is how often each sweep held an annotation in the training
-cases; it applies to 6-sweep stacks only. shape_power 0 and no prior give the plain rule.
+sagittal sweep shows the trunk lengthwise. frame_i, only when the model has a frame head
+(``model.heads.FrameHead``), is that head's probability that frame i is annotated.
+sweep_prior (6 weights, one per protocol sweep: 1-3 transverse, 4-6 sagittal) is how often
+each sweep held an annotation in the training cases; it applies to 6-sweep stacks only.
+shape_power 0, no frame head and no prior give the plain rule.
 Frames not scored (blank frames, or skipped by a coarse search) are nan and never chosen.
 A frame is good when its area fraction >= area_threshold, or, when the config has a
 score_threshold (calibrated in training), when its score >= score_threshold. The chosen
@@ -87,9 +90,12 @@ def temporal_support(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.
 
 def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sweep: int, *,
                shape: np.ndarray | None = None, shape_power: float = 0.0,
-               sweep_prior: Sequence[float] | None = None) -> np.ndarray:
-    """Quality score per frame (module docstring), float32, nan where not scored."""
+               sweep_prior: Sequence[float] | None = None, frame_prob: np.ndarray | None = None) -> np.ndarray:
+    """Quality score per frame (module docstring), float32, nan where not scored.
+    frame_prob: the frame head's probabilities (None: no frame head)."""
     raw = np.asarray(mean_fg, np.float64) * np.asarray(area, np.float64)
+    if frame_prob is not None:
+        raw = raw * np.asarray(frame_prob, np.float64)
     if shape_power:
         if shape is None:
             raise ValueError("shape_power needs the per-frame shape statistic")

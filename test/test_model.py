@@ -177,6 +177,32 @@ def test_conv_stem_refusals(tmp_path):
         build_model(_patch16(stem="conv"), weights=tmp_path / "w.pt")
 
 
+def test_frame_head_is_a_pooled_conv_stem_beside_the_encoder_and_round_trips(tmp_path):
+    """The frame head reads the model's input, not the encoder: (B,) logits from a ConvStem,
+    global average pooling and a linear layer; exported and loaded with the rest."""
+    from fetaliqa.model.heads import FrameHead
+    m = build_model(ModelConfig(heads=("seg", "frame"), **SMALL)).eval()
+    head = m.frame_head
+    assert isinstance(head, FrameHead) and sum(p.numel() for p in head.parameters()) == 685_289
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        out = m(x)
+        assert out["frame"].shape == (3,) and torch.equal(out["frame"], head(x))
+        # batch norm in eval: each frame's logit is its own (no batch statistics)
+        assert torch.allclose(head(x[1:2]), out["frame"][1:2], atol=1e-6)
+        assert head(torch.randn(2, 3, 112, 112)).shape == (2,)  # any side divisible by 16
+    export_model(m, tmp_path, {"data": "sim"})
+    m2 = load_exported(tmp_path)
+    assert m2.config.heads == ("seg", "frame") and isinstance(m2.frame_head, FrameHead)
+    with torch.no_grad():
+        b = m2(x)
+    assert all(torch.allclose(out[k], b[k], rtol=0, atol=1e-6) for k in out)
+    with pytest.raises(ValueError, match="need 'seg'"):
+        ModelConfig(heads=("cls", "frame"), **SMALL)
+    with pytest.raises(ValueError, match="select_by must be 'seg' or 'cls'"):
+        ModelConfig(heads=("seg", "frame"), select_by="frame", **SMALL)
+
+
 def test_load_exported_refuses_mismatches(tmp_path):
     export_model(build_model(ModelConfig(**SMALL)), tmp_path, {})
     meta = json.loads((tmp_path / "model.json").read_text())

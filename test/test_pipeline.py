@@ -99,3 +99,40 @@ def test_cls_selection_uses_cls_head():
     probs = a.scores
     assert np.all((probs[1:] >= 0) & (probs[1:] <= 1)) and a.frame == int(np.nanargmax(probs))
     assert np.array_equal(a.good[1:], probs[1:] >= 0.5) and a.mask.any()
+
+
+
+class BrightWithFrameHead(BrightIsAbdomen):
+    """BrightIsAbdomen plus a frame head whose logit falls with the frame's mean intensity."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.config = ModelConfig(backbone="fetalclip-small", heads=("seg", "frame"), **kw)
+
+    def forward(self, x):
+        return {**super().forward(x), "frame": -8 * (x.mean((1, 2, 3)) + 1.2)}
+
+
+def test_frame_head_probability_enters_the_quality_score():
+    """A SEG model with a frame head: every scored frame's score is the SEG rule's with the
+    head's probability multiplying the raw score; a replay keeps it."""
+    from fetaliqa.pipeline import FrameScorer, ReplayScorer
+    from fetaliqa.select import seg_scores, sweep_length
+    model = BrightWithFrameHead(temporal_window=1)
+    st = _stack()[0]
+    sc = FrameScorer(st, model, batch_size=4, progress=False)
+    sc.score(range(1, len(st)))
+    p = sc.frame_prob
+    assert np.isnan(p[0]) and np.all((p[1:] > 0) & (p[1:] < 1)) and np.ptp(p[1:]) > 0.05
+    fps = sweep_length(len(st))
+    want = seg_scores(sc.area, sc.mean_fg, 1, fps, frame_prob=p)
+    scores = sc.scores_and_good()[0]
+    np.testing.assert_array_equal(scores, want)
+    plain = seg_scores(sc.area, sc.mean_fg, 1, fps)
+    assert np.nanargmax(plain) != np.nanargmax(scores)  # the head moves the choice off the brightest frame
+    rep = ReplayScorer(sc)
+    rep.score(range(1, len(st)))
+    np.testing.assert_array_equal(rep.scores_and_good()[0], scores)
+    a = analyse_stack(st, model, batch_size=4, progress=False)
+    np.testing.assert_allclose(a.scores, scores, rtol=1e-6)
+    assert a.frame == int(np.nanargmax(scores))

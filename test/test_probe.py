@@ -107,7 +107,7 @@ def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run
                                                 "f1_quality_score_cut": 0.35}
     finally:
         (run / "calibration.json").unlink()
-    with pytest.raises(SystemExit, match="an epoch holds 192 frames, fewer than --batch-size 500"):
+    with pytest.raises(SystemExit, match="an epoch holds 192 frames, fewer than the batch size 500: lower --batch-size"):
         probe.main(["--run", str(run), "--batch-size", "500", "--out", str(tmp_path / "o"), "--no-progress"])
     with pytest.raises(SystemExit, match="no args.json"):
         probe.main(["--run", str(tmp_path), "--no-progress"])

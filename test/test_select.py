@@ -62,6 +62,19 @@ def test_shape_factor_and_sweep_prior_rank_frames():
         seg_scores(area, mean, 0, 2, shape_power=1.0)
 
 
+def test_frame_head_probability_weighs_the_raw_score_before_temporal_support():
+    # one sweep of 5 frames: frame 1 has the largest SEG response, the frame head doubts it
+    area, mean = np.array([0.0, 0.2, 0.1, 0.1, 0.0]), np.full(5, 0.5)
+    prob = np.array([0.5, 0.1, 0.9, 0.8, 0.5])
+    raw = area * mean * prob  # 0, 0.01, 0.045, 0.04, 0
+    np.testing.assert_allclose(seg_scores(area, mean, 0, 5, frame_prob=prob), raw, rtol=1e-6)
+    s = seg_scores(area, mean, 1, 5, frame_prob=prob)
+    assert s[2] == pytest.approx((0.045 + (0.01 + 0.045 + 0.04) / 3) / 2, rel=1e-6)
+    assert int(np.argmax(seg_scores(area, mean, 1, 5))) == 1 and int(np.argmax(s)) == 2
+    prob[2] = np.nan  # a frame the head did not score is not scored
+    assert np.isnan(seg_scores(area, mean, 1, 5, frame_prob=prob)[2])
+
+
 def test_sweep_length():
     assert sweep_length(840) == 140 and sweep_length(12) == 2 and sweep_length(7) == 7
 

@@ -141,6 +141,12 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):  # whole-case choice without whole cases: refused before training
         T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--pixel-threshold-by", "case-score"])
     assert "needs --data" in capsys.readouterr().err
+    for extra, says in ((["--heads", "seg,frame"], "add it with --frame-steps"),
+                        (["--heads", "cls", "--frame-steps", "10"], "it needs --heads with seg"),
+                        (["--frame-steps", "-1"], "--frame-steps and --frame-warmup must be >= 0")):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
+        assert says in capsys.readouterr().err, extra
 
 
 def test_epoch_sampling_with_hard_negatives(tmp_path, capsys):
@@ -290,6 +296,20 @@ def test_case_scores_put_cached_frames_back_at_their_stack_positions():
     assert got[39] == pytest.approx(0.25 * (raw[14] + raw[12:15].mean()) / 2, rel=1e-5)
 
 
+def test_case_scores_with_a_frame_head():
+    from fetaliqa.select import seg_scores
+    cfg = ModelConfig(backbone="fetalclip-small", heads=("seg", "frame"), temporal_window=1)
+    rng = np.random.default_rng(1)
+    stats = {k: rng.random(12).astype(np.float32) for k in ("area", "mean_fg", "shape")}
+    prob = rng.random(12).astype(np.float32)
+    case, frame = np.zeros(12, int), np.arange(12)
+    got = case_scores(cfg, stats, case, frame, {0: 2}, prob)
+    np.testing.assert_allclose(got, seg_scores(stats["area"], stats["mean_fg"], 1, 2, frame_prob=prob), rtol=1e-6)
+    assert not np.allclose(got, seg_scores(stats["area"], stats["mean_fg"], 1, 2), rtol=1e-3)
+    with pytest.raises(ValueError, match="needs its frame_prob"):
+        case_scores(cfg, stats, case, frame, {0: 2})
+
+
 # ----------------------------------------------------------------------------- loop
 @pytest.mark.parametrize("stem", [[], ["--stem", "conv", "--patch-size", "16"]], ids=["patch", "conv"])
 def test_few_steps_lower_the_loss(cache112, stem):
@@ -360,6 +380,44 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     prov = meta["provenance"]
     assert prov["training"]["encoder"] == "full" and prov["split"]["val_cases"] == 2
     assert (tmp_path / "a/model.tar.gz").stat().st_size > 0 and (tmp_path / "a/epochs.csv").exists()
+
+
+def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny, cache112, tmp_path, capsys):
+    """--frame-steps: after the SEG head, a FrameHead is fitted on the training cases, joins the
+    exported model, and the quality-score cut is calibrated with its probability; a --resume of
+    the finished run loads it from OUT/frame_head.pt instead of training it again."""
+    from fetaliqa.metrics import frame_metrics
+    cache, out = cache112, tmp_path / "f"
+    common = ["--data", str(tiny), "--cache", str(cache.root), *SMALL, *RUN, "--label-policy", "any",
+              "--neg-ratio", "1", "--frame-steps", "40", "--frame-batch-size", "8", "--frame-warmup", "5"]
+    assert T.main([*common, "--out", str(out)]) == 0
+    assert "frame head: 40 steps in" in capsys.readouterr().err
+    m = load_exported(out / "model")
+    assert m.config.heads == ("seg", "frame")
+    saved = torch.load(out / "frame_head.pt", weights_only=False)
+    assert all(torch.equal(v, m.frame_head.state_dict()[k]) for k, v in saved["state"].items())
+    prov = json.loads((out / "model/model.json").read_text())["provenance"]["training"]["frame_head"]
+    assert prov["steps"] == 40 and prov["settings"]["batch_size"] == 8 and prov["settings"]["positives"] == 16
+    x = normalize(torch.from_numpy(np.array(cache.frames[:])).float())
+    with torch.no_grad():
+        prob = torch.sigmoid(m.frame_head(x)).numpy()
+    assert frame_metrics(prob, cache.binary_labels("any"), 0.5)["auroc"] > 0.9  # the tiny set's bright disks
+    # the exported score cut is the F1-best cut of quality scores that include the head's probability
+    rows = cache.rows_of(Split.load(out / "split.json").val)
+    pred = T.predict_rows(m, cache, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any",
+                          frame_stats=True)
+    idx = cache.index[pred["rows"]]
+    fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
+    q = case_scores(m.config, pred["stats"][m.config.pixel_threshold], idx["case"], idx["frame"], fps,
+                    pred["frame_prob"])
+    cut = calibrate_score_threshold(q, pred["labels"])["score_threshold"]
+    assert cut == pytest.approx(m.config.score_threshold, rel=1e-5)
+    weights = (out / "model/model.safetensors").read_bytes()
+    assert T.main([*common, "--out", str(out), "--resume"]) == 0
+    assert "frame head: loaded" in capsys.readouterr().err
+    assert (out / "model/model.safetensors").read_bytes() == weights
+    assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20"]) == 0  # other settings: trained
+    assert "frame head: 20 steps in" in capsys.readouterr().err
 
 
 def test_run_seed_replicates_on_the_same_split(tiny, cache112, tmp_path):

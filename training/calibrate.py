@@ -70,23 +70,28 @@ def best_area_cut(counts: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 
 
 def case_scores(cfg, stats: dict[str, np.ndarray], case: np.ndarray, frame: np.ndarray,
-                frames_per_sweep: dict[int, int]) -> np.ndarray:
+                frames_per_sweep: dict[int, int], frame_prob: np.ndarray | None = None) -> np.ndarray:
     """The pipeline's quality score (``fetaliqa.select.seg_scores`` under ``cfg``) of cached
     frames: per case, the frames are put back at their stack positions (6 x frames per sweep;
     frames not cached are nan, as unscored frames at inference) so that the temporal support
     and the sweep prior are those of the container. stats: per-frame "area", "mean_fg",
-    "shape" at cfg's pixel threshold; case, frame: the cache index columns."""
+    "shape" at cfg's pixel threshold; case, frame: the cache index columns; frame_prob: the frame
+    head's per-frame probabilities (used when cfg has the head)."""
     from fetaliqa.select import seg_scores
 
+    if "frame" in cfg.heads and frame_prob is None:
+        raise ValueError("the config has a frame head: case_scores needs its frame_prob")
+    per_frame = {**stats, "frame_prob": frame_prob} if "frame" in cfg.heads else stats
     out = np.full(len(case), np.nan, np.float32)
     for c in np.unique(case):
         rows = np.flatnonzero(case == c)
         fps = frames_per_sweep[int(c)]
-        full = {k: np.full(6 * fps, np.nan, np.float32) for k in ("area", "mean_fg", "shape")}
+        full = {k: np.full(6 * fps, np.nan, np.float32) for k in ("area", "mean_fg", "shape", "frame_prob")
+                if k in per_frame}
         for k, a in full.items():
-            a[frame[rows]] = stats[k][rows]
+            a[frame[rows]] = per_frame[k][rows]
         sc = seg_scores(full["area"], full["mean_fg"], cfg.temporal_window, fps, shape=full["shape"],
-                        shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior)
+                        shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior, frame_prob=full.get("frame_prob"))
         out[rows] = sc[frame[rows]]
     return out
 
@@ -146,7 +151,8 @@ def summarise_calibration(config, cache, pred: dict, selection: dict | None = No
         fps = {int(c): int(cache.cases[int(c)]["frames_per_sweep"]) for c in np.unique(idx["case"])}
         for g in cal["grid"]:
             cfg = dataclasses.replace(config, pixel_threshold=g["pixel_threshold"], **selection)
-            scores = case_scores(cfg, pred["stats"][g["pixel_threshold"]], idx["case"], idx["frame"], fps)
+            scores = case_scores(cfg, pred["stats"][g["pixel_threshold"]], idx["case"], idx["frame"], fps,
+                                 pred.get("frame_prob"))
             g["score_decision"] = calibrate_score_threshold(scores, pred["labels"])
         if pred["labels"].any():
             # the frame decision is the score cut; the pixel threshold serves the mask (and the

@@ -116,6 +116,8 @@ def _evaluate_case(job) -> dict:
     out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {},
            "frames": {"label": lab_k.astype(np.uint8), "area": full.area, "mean_fg": full.mean_fg,
                       "peak": full.peak, "shape": full.shape}}
+    if "frame" in model.config.heads:
+        out["frames"]["frame_prob"] = full.frame_prob
     if rec is None:  # simulated: where each frame's plane lies, to locate false positives
         from fetaliqa.simulate import SimConfig, case_seed, frame_geometry
         geo = frame_geometry(case_seed(args.seed, i), SimConfig(frames_per_sweep=args.frames_per_sweep))
@@ -300,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
 def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> None:
     """Per-frame model statistics of every case (for studying frame decisions offline):
     case (index into ``cases``), frame, sweep, label (0/1/2), area, mean_fg, peak, shape (at the
-    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good; for
-    simulated cases also level and near_miss (``fetaliqa.simulate.frame_geometry``)."""
+    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good; with a
+    frame head also frame_prob; for simulated cases also level and near_miss
+    (``fetaliqa.simulate.frame_geometry``)."""
     cols: dict[str, list] = {k: [] for k in ("case", "frame", "sweep", "label", "area", "mean_fg", "peak", "shape",
                                              "q", "good")}
     for i, r in enumerate(results):
@@ -310,7 +313,7 @@ def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> Non
         cols["case"].append(np.full(n, i, np.int32))
         cols["frame"].append(np.arange(n, dtype=np.int32))
         cols["sweep"].append(np.arange(n, dtype=np.int32) // max(1, n // 6))
-        for k in ("label", "area", "mean_fg", "peak", "shape", "level", "near_miss"):
+        for k in ("label", "area", "mean_fg", "peak", "shape", "frame_prob", "level", "near_miss"):
             if k in f:
                 cols.setdefault(k, []).append(np.asarray(f[k]))
         cols["q"].append(np.asarray(r["q"], np.float32))

@@ -4,9 +4,9 @@
 classifier on a training run's own frame cache and training cases (``RUN/args.json``,
 ``RUN/split.json``), with the run's augmentation and epoch sampling (all positives plus
 ``--neg-ratio`` x as many negatives), BCE, AdamW with warmup and cosine decay, for a fixed
-number of steps, then scores every frame of the run's validation cases and reports frame
-AUROC, AUPRC and the F1 of the best cut chosen in hindsight on those frames (an upper bound
-for that classifier's per-frame decision). Beside it, the same figures of the run's own
+number of steps (the loop of ``training.frame_head``), then scores every frame of the run's
+validation cases and reports frame AUROC, AUPRC and the F1 of the best cut chosen in
+hindsight on those frames (an upper bound for that classifier's per-frame decision). Beside it, the same figures of the run's own
 model from its ``calibration.json``.
 
 It is a diagnostic, not part of the product: it separates what the labels demand from what
@@ -20,8 +20,9 @@ a given encoder learns in a given budget. Architectures:
   with batch norm and a 1x1 projection in place of the patch embedding (early convolutions,
   Xiao et al. 2021: ``ConvStem`` with one convolution per stage).
 - ``stem``: the convolutional stem of ``--stem conv`` (``fetaliqa.model.backbone.ConvStem``,
-  16-pixel tokens of the run's width) with global average pooling and a linear head: that
-  tower without its transformer.
+  16-pixel tokens of width 128, the default's) with global average pooling and a linear head:
+  that tower without its transformer, and the product's frame head
+  (``fetaliqa.model.heads.FrameHead``, ``training.train --frame-steps``).
 
 Writes ``OUT/probe.json`` (figures, settings, the mean training loss of every 50 steps) and
 ``OUT/val_scores.npy`` (one probability per validation frame, in cache row order).
@@ -32,23 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from fetaliqa.metrics import frame_metrics
 from fetaliqa.model import build_model
 from fetaliqa.model.backbone import ConvStem
+from fetaliqa.model.heads import FrameHead
 from fetaliqa.preprocess import normalize
 
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig
 from .cache import FrameCache
 from .calibrate import calibrate_score_threshold
+from .frame_head import fit_frame_classifier
 from .splits import Split
 
 ARCHS = ("cnn", "vit", "vit-conv", "stem")
@@ -99,15 +99,14 @@ class ViTClassifier(nn.Module):
 
 
 class StemClassifier(nn.Module):
-    """``ConvStem`` (16-pixel tokens, the run's width) + global average pooling + a linear head,
-    on (B, 1, S, S) grey frames in 0..255 -> (B,) logits."""
+    """The product's frame head (``fetaliqa.model.heads.FrameHead``: ``ConvStem`` with 16-pixel
+    tokens of width 128, global average pooling, a linear layer) on (B, 1, S, S) grey frames in
+    0..255 -> (B,) logits, normalised as the run's model normalises them."""
 
     def __init__(self, run_args: dict) -> None:
         super().__init__()
         cfg = run_model_config(run_args, heads="cls")
-        width = int(cfg.vision_cfg()["width"])
-        self.net = nn.Sequential(ConvStem(width, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
-                                 nn.Flatten(0))
+        self.net = FrameHead()
         self.mean, self.std = cfg.mean, cfg.std
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
@@ -195,51 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     if not len(pos) or not labels[val_rows].any():
         sys.exit("the probe needs annotated frames in both the training and the validation cases")
 
-    from .train import epoch_rows, lr_factor
-
     torch.manual_seed(args.seed)
     net, kind = build_probe(args.arch, run_args, args.width)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
-    aug = AugmentConfig()
     out = args.out or args.run / f"probe-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"probe {args.arch}: {sum(p.numel() for p in net.parameters()):,} parameters; "
           f"{len(pos)} annotated of {len(train_rows)} training frames, {int(labels[val_rows].sum())} of "
           f"{len(val_rows)} validation frames; {args.steps} steps of {args.batch_size}", file=sys.stderr)
-    net.train()
-    losses, curve, t0, step, epoch = [], [], time.time(), 0, 0
-    bar = tqdm(total=args.steps, desc="probe", unit="step", disable=not args.progress)
-    while step < args.steps:
-        rows = epoch_rows(pos, neg, args.neg_ratio, args.seed, epoch)
-        if len(rows) < args.batch_size:
-            sys.exit(f"an epoch holds {len(rows)} frames, fewer than --batch-size {args.batch_size}")
-        for k in range(0, len(rows) - args.batch_size + 1, args.batch_size):
-            batch = np.sort(rows[k:k + args.batch_size])
-            x, _ = augment_batch(torch.from_numpy(cache.frames[batch].astype(np.float32)),
-                                 torch.from_numpy(cache.masks[batch]), aug, gen)
-            y = torch.from_numpy(labels[batch].astype(np.float32))
-            for g in opt.param_groups:
-                g["lr"] = args.lr * lr_factor(step, args.steps, args.warmup, "cosine")
-            loss = F.binary_cross_entropy_with_logits(net(_inputs(x, kind)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update()
-            if step % 50 == 0:
-                curve.append({"step": step, "loss": float(np.mean(losses[-50:]))})
-                bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
-            if step == args.steps:
-                break
-        epoch += 1
-    bar.close()
-    minutes = (time.time() - t0) / 60
+    try:
+        fit = fit_frame_classifier(net, lambda x: net(_inputs(x, kind)), cache, pos, neg, steps=args.steps,
+                                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                                   warmup=args.warmup, neg_ratio=args.neg_ratio, seed=args.seed,
+                                   augment=AugmentConfig(), progress=args.progress, desc="probe")
+    except ValueError as e:  # an epoch smaller than a batch
+        sys.exit(f"{e}: lower --batch-size")
+    step, epoch, minutes, curve = fit["steps"], fit["epochs_started"], fit["minutes"], fit["loss_curve"]
 
-    net.eval()
     scores = []
     with torch.no_grad():
         for k in range(0, len(val_rows), 256):

@@ -9,11 +9,12 @@ One code path: release layout -> frame cache (training/cache.py) -> subject-grou
 `--neg-ratio` x as many negatives, seeded) -> online augmentation on the device ->
 AdamW, warmup + cosine, mixed precision where the hardware has it, gradient accumulation
 -> validation each epoch (loss, frame F1 over a threshold grid, Dice) -> best checkpoint ->
-threshold calibration -> export of the deployable model (OUT/model + OUT/model.tar.gz).
+[a convolutional frame head, --frame-steps: training/frame_head.py] -> threshold calibration
+-> export of the deployable model (OUT/model + OUT/model.tar.gz).
 
 OUT holds: args.json, split.json, steps.jsonl/.csv (per optimiser step), epochs.jsonl/.csv,
 last.pt (exact resume: model, optimiser, scheduler, scaler, RNG states, epoch/step),
-best.pt, calibration.json, model/, model.tar.gz.
+best.pt, [frame_head.pt,] calibration.json, model/, model.tar.gz.
 """
 from __future__ import annotations
 
@@ -60,10 +61,12 @@ PRESETS: dict[str, dict] = {
     # with five) buy six more epochs inside the 45-min rebuild budget: 38.8 min from scratch.
     # lr 2e-3 (was 1e-3): better on all three held-out sets (docs/training.md), 37.9 min
     # from scratch; the 78-epoch GPU run's first validation had hinted at a higher rate.
+    # A convolutional frame head (4,000 steps after the SEG head): the from-scratch ViT does not
+    # learn the frame label, these convolutions do (docs/training.md, "A convolutional frame head").
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=26,
                         batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
                         val_max_frames=1500, val_every=13, case_check=-1, num_workers=0, select_metric="loss",
-                        pixel_threshold_by="case-score"),
+                        pixel_threshold_by="case-score", frame_steps=4000),
 }
 
 
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="FetalCLIP", help="open_clip geometry: FetalCLIP or fetalclip-small")
     m.add_argument("--weights", type=Path, help="FetalCLIP checkpoint (FetalCLIP_weights.pt); none = random init")
-    m.add_argument("--heads", default="seg", help="seg, cls or seg,cls")
+    m.add_argument("--heads", default="seg", help="seg, cls or seg,cls (a frame head: --frame-steps)")
     m.add_argument("--encoder", choices=["frozen", "lora", "full"], default="lora",
                    help="frozen: encoder under no_grad (the published SEG behaviour); lora: peft adapters; "
                         "full: every encoder weight trains (small random-init backbones)")
@@ -157,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames: chosen on the validation frames (best pooled mask Dice with --good-by score, "
                         "best frame F1 with --good-by area); case-score: the grid value with the best mean "
                         "challenge score over the --case-check cases (each with its own area and score cuts)")
+    f = p.add_argument_group("frame head (encoders trained from scratch; training/frame_head.py)")
+    f.add_argument("--frame-steps", type=int, default=0,
+                   help="after the SEG head, fit a small convolutional frame classifier (FrameHead) for this "
+                        "many steps on the training cases, before calibration; its probability multiplies each "
+                        "frame's quality score (0: none, as published)")
+    f.add_argument("--frame-batch-size", type=int, default=32)
+    f.add_argument("--frame-lr", type=float, default=2e-3)
+    f.add_argument("--frame-warmup", type=int, default=50, help="warmup steps of the frame head (then cosine)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -184,6 +195,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--hard-neg-frac must be in [0, 1], got {args.hard_neg_frac}")
     if args.hard_neg_frac > 0 and args.neg_ratio < 0:
         parser.error("--hard-neg-frac chooses among sampled negatives: it needs --neg-ratio >= 0")
+    if args.frame_steps < 0 or args.frame_batch_size < 1 or args.frame_warmup < 0:
+        parser.error("--frame-steps and --frame-warmup must be >= 0, --frame-batch-size >= 1")
+    heads = [h.strip() for h in args.heads.split(",")]
+    if "frame" in heads:
+        parser.error("--heads: the frame head is not trained with the others; add it with --frame-steps")
+    if args.frame_steps and "seg" not in heads:
+        parser.error("--frame-steps: the frame head weighs the SEG head's quality score; it needs --heads with seg")
     if not args.shape_power >= 0:  # checked here, not at export after the whole run
         parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
     if args.pixel_threshold_by == "case-score" and not args.no_export and (args.case_check == 0 or args.data is None):
@@ -353,14 +371,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 
 def loss_parts(out: dict[str, torch.Tensor], seg_t: torch.Tensor, cls_t: torch.Tensor, kind: str
                ) -> dict[str, torch.Tensor]:
-    """Each head's loss: "seg" (soft Dice, + BCE for dice_bce), "cls" (BCE)."""
+    """Each head's loss: "seg" (soft Dice, + BCE for dice_bce), "cls" and "frame" (BCE)."""
     parts = {}
     if "seg" in out:
         parts["seg"] = soft_dice_loss(out["seg"], seg_t)
         if kind == "dice_bce":
             parts["seg"] = parts["seg"] + F.binary_cross_entropy_with_logits(out["seg"].float(), seg_t)
-    if "cls" in out:
-        parts["cls"] = F.binary_cross_entropy_with_logits(out["cls"].float(), cls_t)
+    for head in ("cls", "frame"):
+        if head in out:
+            parts[head] = F.binary_cross_entropy_with_logits(out[head].float(), cls_t)
     return parts
 
 
@@ -384,15 +403,16 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
                  frame_stats: bool = False) -> dict:
     """Run the model over cache rows without augmentation. Returns per-frame arrays:
     counts (N, len(PIXEL_GRID)) pixels above each grid threshold, cls_prob (N,) or None,
-    labels (N,) bool, plus the mean loss and the pooled Dice at each pixel threshold over all
-    frames and over the annotated frames only (mask quality, what the challenge measures).
+    frame_prob (N,) or None (the frame head's), labels (N,) bool, plus the mean loss and the
+    pooled Dice at each pixel threshold over all frames and over the annotated frames only
+    (mask quality, what the challenge measures).
     frame_stats: also "stats", {pixel threshold: {"area", "mean_fg", "shape"}} per frame
     (``fetaliqa.select.frame_stats``, what the pipeline scores frames with), and "rows" (the
     rows in the order of all the arrays: sorted)."""
     from fetaliqa.select import frame_stats as stats_of
     model.eval()
     cfg = model.config
-    counts, probs, labels, losses, seg_losses = [], [], [], [], []
+    counts, probs, frame_probs, labels, losses, seg_losses = [], [], [], [], [], []
     stats = {t: {"area": [], "mean_fg": [], "shape": []} for t in PIXEL_GRID} if frame_stats else None
     rows = np.sort(rows)  # sorted rows read the memmap sequentially
     grid = torch.tensor(PIXEL_GRID, device=device)
@@ -424,12 +444,15 @@ def predict_rows(model: torch.nn.Module, cache: FrameCache, rows: np.ndarray, *,
                     v.append(st[k].cpu().numpy())
         if "cls" in out:
             probs.append(torch.sigmoid(out["cls"].float()).cpu())
+        if "frame" in out:
+            frame_probs.append(torch.sigmoid(out["frame"].float()).cpu())
         labels.append(cls_t.bool().cpu())
     model.train()
     dice = ((2 * inter) / (psum + tsum).clamp_min(1)).cpu().numpy()
     dice_pos = ((2 * inter) / (psum_pos + tsum).clamp_min(1)).cpu().numpy()
     return {"counts": torch.cat(counts).numpy() if counts else None,
             "cls_prob": torch.cat(probs).numpy() if probs else None,
+            "frame_prob": torch.cat(frame_probs).numpy() if frame_probs else None,
             "labels": torch.cat(labels).numpy() if labels else np.zeros(0, bool),
             "loss": sum(losses) / max(1, len(rows)),
             "seg_loss": sum(seg_losses) / max(1, len(rows)) if seg_losses else None,
@@ -765,6 +788,8 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
             dist.barrier()
         return 0
     if not args.no_export:
+        if world > 1 and args.threads > 0 and device.type == "cpu":  # the other processes wait at the barrier
+            torch.set_num_threads(args.threads * world)
         finish(args, model, cache, split, records, device, amp, step)
     if world > 1:
         dist.barrier()
@@ -772,13 +797,20 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
 
 
 def finish(args, model, cache: FrameCache, split: Split, records: list, device, amp, step: int) -> None:
-    """Best weights -> threshold calibration -> case check -> export (+ tarball)."""
+    """Best weights -> frame head (--frame-steps) -> threshold calibration -> case check -> export (+ tarball)."""
     from .calibrate import (PUBLISHED, at_pixel_threshold, calibrate_model, case_check, choose_by_case_score,
                             grid_name, sweep_prior, threshold_policy)
+    from .frame_head import add_frame_head
 
     best = torch.load(args.out / "best.pt", map_location="cpu", weights_only=False)
     load_trainable_state(model, best["model"])
     model.eval()
+    frame_head = None
+    if args.frame_steps:
+        labels = cache.binary_labels(args.label_policy)
+        train_rows = cache.rows_of(split.train)
+        pos, neg = train_rows[labels[train_rows]], train_rows[~labels[train_rows]]
+        frame_head = add_frame_head(model, args, cache, pos, neg, args.out)
     val_rows = cache.rows_of(split.val)
     prior = sweep_prior(records, split.train) if args.sweep_prior == "train" else None
     if args.sweep_prior == "train" and prior is None:
@@ -818,7 +850,7 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
                      "epochs": args.epochs, "best_epoch": best["epoch"], "steps": step, "loss": args.loss,
                      "lr": args.lr, "batch_size": args.batch_size, "accum": args.accum, "neg_ratio": args.neg_ratio,
                      "hard_neg_frac": args.hard_neg_frac, "run_seed": args.run_seed,
-                     "augment": not args.no_augment, "preset": args.preset},
+                     "augment": not args.no_augment, "preset": args.preset, "frame_head": frame_head},
         "validation": {**{k: v for k, v in best["summary"].items() if isinstance(v, (int, float))},
                        "calibration": {k: v for k, v in cal.items() if k != "grid"}, "case_check": checks},
         "git_commit": git_commit(),

@@ -31,7 +31,7 @@ def register_configs() -> None:
 DEFAULT_TAPS: dict[str, tuple[int, ...]] = {"FetalCLIP": (6, 8, 12, 24), "fetalclip-small": (2, 3, 4, 6)}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HEADS = ("seg", "cls")
+HEADS = ("seg", "cls", "frame")
 ENCODER_MODES = ("frozen", "lora")
 CHOOSE_FROM = ("good", "all")
 STEMS = ("patch", "conv")
@@ -74,7 +74,10 @@ class ModelConfig:
     """Everything that builds, feeds and reads a FetalCLIP-SEG / -CLS model.
 
     backbone: open_clip model name ("FetalCLIP", or "fetalclip-small" for CPU tests/default).
-    heads: ("seg",), ("cls",) or ("seg", "cls").
+    heads: ("seg",), ("cls",) or ("seg", "cls"); "frame" may join a SEG model: a small
+        convolutional frame classifier beside the encoder (``heads.FrameHead``, its own
+        weights), whose probability multiplies each frame's SEG quality score, for encoders
+        trained from random weights (training fits it after the SEG head).
     taps: 1-based transformer blocks feeding the SEG decoder (deepest last); None -> the
         backbone's default (DEFAULT_TAPS).
     decoder_width: base width f of the SEG decoder (32 as published).
@@ -138,8 +141,10 @@ class ModelConfig:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads!r}")
         if self.encoder_mode not in ENCODER_MODES:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
-        if self.select_by not in HEADS:
-            raise ValueError(f"select_by must be one of {HEADS}, got {self.select_by!r}")
+        if "frame" in self.heads and "seg" not in self.heads:
+            raise ValueError(f"the frame head weighs the SEG quality score: heads {self.heads!r} need 'seg'")
+        if self.select_by not in ("seg", "cls"):
+            raise ValueError(f"select_by must be 'seg' or 'cls', got {self.select_by!r}")
         if self.choose_from not in CHOOSE_FROM:
             raise ValueError(f"choose_from must be one of {CHOOSE_FROM}, got {self.choose_from!r}")
         if self.stem not in STEMS:

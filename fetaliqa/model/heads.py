@@ -1,4 +1,4 @@
-"""FetalIQAModel: FetalCLIP vision tower + SEG decoder and/or CLS head."""
+"""FetalIQAModel: FetalCLIP vision tower + SEG decoder and/or CLS head (+ a convolutional frame head)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_vision_tower
+from .backbone import ConvStem, build_vision_tower
 from .config import ModelConfig
 from .decoder import SegDecoder
 
 
+class FrameHead(nn.Sequential):
+    """A frame classifier beside the encoder, on the model's input: ``ConvStem(width, patch_size)``
+    (log2(patch) stages of a stride-2 and a stride-1 3x3 convolution with batch norm), global
+    average pooling, a linear layer. (B, 3, S, S) normalised -> (B,) logits, S divisible by
+    patch_size. It exists because a vision transformer trained from random weights on a few
+    hundred annotated frames does not learn the frame label, while these convolutions do
+    (``training.probe --arch stem``; docs/training.md); with FetalCLIP's pretrained encoder
+    the published heads need no such help."""
+
+    def __init__(self, width: int = 128, patch_size: int = 16) -> None:
+        super().__init__(ConvStem(width, patch_size), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
+                         nn.Flatten(0))
+
+
 class FetalIQAModel(nn.Module):
-    """``model(x)`` with x float (B, 3, S, S) normalised -> {"seg": (B, 1, S, S), "cls": (B,)} logits.
+    """``model(x)`` with x float (B, 3, S, S) normalised -> {"seg": (B, 1, S, S), "cls": (B,),
+    "frame": (B,)} logits, one entry per configured head.
 
     ``encode`` and ``heads_forward`` split the forward so a frozen encoder's features can be
     cached by training. Attributes: ``config`` (ModelConfig), ``provenance`` (dict, filled by
@@ -29,6 +44,7 @@ class FetalIQAModel(nn.Module):
         width = int(cfg.vision_cfg()["width"])
         self.decoder = SegDecoder(width, cfg.decoder_width) if "seg" in cfg.heads else None
         self.cls_head = nn.Linear(cfg.embed_dim, 1) if "cls" in cfg.heads else None
+        self.frame_head = FrameHead() if "frame" in cfg.heads else None
         # open_clip returns each requested block once, in depth order: ask for the distinct
         # blocks and map them back to the configured (possibly repeated) taps
         self._indices = sorted({t - 1 for t in cfg.taps})
@@ -55,6 +71,8 @@ class FetalIQAModel(nn.Module):
             out["seg"] = self.decoder(enc["feats"], x)
         if self.cls_head is not None:
             out["cls"] = self.cls_head(enc["pooled"]).squeeze(-1)
+        if self.frame_head is not None:
+            out["frame"] = self.frame_head(x)
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
