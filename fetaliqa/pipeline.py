@@ -96,9 +96,10 @@ class Analysis:
 class FrameScorer:
     """Runs ``model`` over chosen frames of ``stack``; per-frame results in float32 arrays
     (nan = not scored yet): ``area``, ``mean_fg``, ``peak``, ``shape`` (SEG, at the config's
-    pixel threshold), ``cls_prob`` (CLS) and ``frame_prob`` (frame head). ``also_at``: further pixel thresholds whose SEG
-    statistics are kept in ``stats_at[t]`` from the same model pass (``ReplayScorer`` with
-    another config replays them: several threshold policies for the price of one)."""
+    pixel threshold), ``cls_prob`` (CLS) and ``frame_prob`` (frame head). ``also_at``: further
+    pixel thresholds whose SEG statistics are kept in ``stats_at[t]`` from the same model pass
+    (``ReplayScorer`` with another config replays them: several threshold policies for the
+    price of one)."""
 
     def __init__(self, stack: np.ndarray, model: torch.nn.Module, *, device: str | torch.device = "cpu",
                  batch_size: int = 16, amp: bool = False, progress: bool = True,

@@ -6,8 +6,8 @@ classifier on a training run's own frame cache and training cases (``RUN/args.js
 ``--neg-ratio`` x as many negatives), BCE, AdamW with warmup and cosine decay, for a fixed
 number of steps (the loop of ``training.frame_head``), then scores every frame of the run's
 validation cases and reports frame AUROC, AUPRC and the F1 of the best cut chosen in
-hindsight on those frames (an upper bound for that classifier's per-frame decision). Beside it, the same figures of the run's own
-model from its ``calibration.json``.
+hindsight on those frames (an upper bound for that classifier's per-frame decision). Beside
+it, the same figures of the run's own model from its ``calibration.json``.
 
 It is a diagnostic, not part of the product: it separates what the labels demand from what
 a given encoder learns in a given budget. Architectures:
