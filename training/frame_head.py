@@ -98,21 +98,21 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
     ``model.config.heads``). Returns the stage's settings and figures for the provenance."""
     from .train import atomic_save
 
-    path = out / FRAME_HEAD_FILE
+    path, device = out / FRAME_HEAD_FILE, next(model.parameters()).device
     settings = {"steps": args.frame_steps, "batch_size": args.frame_batch_size, "lr": args.frame_lr,
                 "weight_decay": args.weight_decay, "warmup_steps": args.frame_warmup, "neg_ratio": args.neg_ratio,
                 "seed": args.run_seed, "augment": not args.no_augment, "label_policy": args.label_policy,
                 "cache_fingerprint": cache.meta.get("fingerprint"), "positives": int(len(pos)),
                 "training_frames": int(len(pos) + len(neg)), "channels_last": True}
     saved = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-    if saved is not None and saved.get("settings") == settings:
+    reuse = saved is not None and saved.get("settings") == settings
+    if reuse:
         head = FrameHead()
         head.load_state_dict(saved["state"])
         info = saved["info"]
         print(f"[train] frame head: loaded {path} ({info['steps']} steps)", file=sys.stderr)
     else:
         torch.manual_seed(args.run_seed)
-        device = next(model.parameters()).device
         head, cfg = FrameHead().to(device), model.config
         print(f"[train] frame head: {sum(p.numel() for p in head.parameters()):,} parameters, {args.frame_steps} "
               f"steps of {args.frame_batch_size} ({len(pos)} annotated of {len(pos) + len(neg)} training frames)",
@@ -125,11 +125,13 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
             progress=args.progress)
         atomic_save({"settings": settings, "state": {k: v.cpu() for k, v in head.state_dict().items()},
                      "info": info}, path)
-        last = info["loss_curve"][-1]["loss"] if info["loss_curve"] else float("nan")
-        print(f"[train] frame head: {info['steps']} steps in {info['minutes']:.1f} min, training loss {last:.3f} "
-              "(mean of the last 50 steps)", file=sys.stderr)
-    model.frame_head = head.to(next(model.parameters()).device).eval()
+    final_loss = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None
+    if not reuse:
+        print(f"[train] frame head: {info['steps']} steps in {info['minutes']:.1f} min, training loss "
+              f"{final_loss if final_loss is not None else float('nan'):.3f} (mean of the last 50 steps)",
+              file=sys.stderr)
+    model.frame_head = head.to(device).eval()
     if "frame" not in model.config.heads:
         model.config = dataclasses.replace(model.config, heads=(*model.config.heads, "frame"))
     return {"settings": settings, "steps": info["steps"], "minutes": round(info["minutes"], 2),
-            "final_loss": info["loss_curve"][-1]["loss"] if info["loss_curve"] else None}
+            "final_loss": final_loss}

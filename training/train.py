@@ -326,6 +326,13 @@ class CacheDataset(Dataset):
         return torch.from_numpy(np.array(c.frames[r])), torch.from_numpy(np.array(c.masks[r])), int(c.index["label"][r])
 
 
+def annotated_and_other(cache: FrameCache, cases: list[str], policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cache rows of these cases, split into annotated frames (under the label policy) and the others."""
+    labels = cache.binary_labels(policy)
+    rows = cache.rows_of(cases)
+    return rows[labels[rows]], rows[~labels[rows]]
+
+
 def epoch_rows(pos: np.ndarray, neg: np.ndarray, neg_ratio: float, seed: int, epoch: int,
                hard: np.ndarray | None = None, hard_frac: float = 0.0) -> np.ndarray:
     """This epoch's training rows: every positive plus neg_ratio x as many negatives
@@ -629,9 +636,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     if is_main:
         (args.out / "args.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                         for k, v in vars(args).items()}, indent=1))
-    labels = cache.binary_labels(args.label_policy)
-    train_rows = cache.rows_of(split.train)
-    pos, neg = train_rows[labels[train_rows]], train_rows[~labels[train_rows]]
+    pos, neg = annotated_and_other(cache, split.train, args.label_policy)
     if len(pos) == 0:
         raise ValueError(f"no positive frames in the training split of {cache.root} (label policy "
                          f"{args.label_policy!r}); nothing to learn")
@@ -807,10 +812,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     model.eval()
     frame_head = None
     if args.frame_steps:
-        labels = cache.binary_labels(args.label_policy)
-        train_rows = cache.rows_of(split.train)
-        pos, neg = train_rows[labels[train_rows]], train_rows[~labels[train_rows]]
-        frame_head = add_frame_head(model, args, cache, pos, neg, args.out)
+        frame_head = add_frame_head(model, args, cache, *annotated_and_other(cache, split.train, args.label_policy),
+                                    args.out)
     val_rows = cache.rows_of(split.val)
     prior = sweep_prior(records, split.train) if args.sweep_prior == "train" else None
     if args.sweep_prior == "train" and prior is None:
