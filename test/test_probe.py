@@ -123,3 +123,47 @@ def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run
                                                 "image_size": 64, "backbone": "fetalclip-small"}))
     with pytest.raises(SystemExit, match="not a frame cache.*\n.*--cache names the cache"):
         probe.main(["--run", str(gone), "--no-progress"])
+
+
+def test_mask_supervision_teaches_the_stem_where_the_annotated_section_lies(run, tmp_path):
+    """fit_frame_classifier(mask_weight > 0): the forward returns (frame logits, cell logits) and
+    the cells learn the label mask's coverage, so on annotated frames the cells under the disc
+    score above the others; the probe's --mask-weight trains that way and reports both losses."""
+    import torch
+    from torch import nn
+
+    from fetaliqa.model.heads import FrameHead
+    from training.cache import FrameCache
+    from training.frame_head import fit_frame_classifier
+
+    cache = FrameCache(json.loads((run / "args.json").read_text())["cache"])
+    labels = cache.binary_labels("any")
+    rows = np.arange(len(labels))
+    torch.manual_seed(0)
+    head, cells = FrameHead(), nn.Conv2d(128, 1, 1)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    logits, feats = head.eval().forward_features(x)
+    assert feats.shape == (2, 128, SIZE // 16, SIZE // 16) and torch.equal(logits, head(x))
+
+    def forward(grey):
+        logits, feats = head.forward_features(probe.normalize(grey))
+        return logits, cells(feats)
+
+    fit = fit_frame_classifier(nn.ModuleList([head, cells]), forward, cache, rows[labels], rows[~labels], steps=150,
+                               batch_size=16, lr=3e-3, weight_decay=0.01, warmup=5, neg_ratio=1.0, seed=0,
+                               augment=None, mask_weight=1.0, progress=False)
+    assert fit["loss_curve"][-1]["mask_loss"] < fit["loss_curve"][0]["mask_loss"]
+    pos = rows[labels][:40]
+    with torch.no_grad():
+        pred = torch.sigmoid(forward(torch.from_numpy(np.array(cache.frames[pos])).float())[1])[:, 0]
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.array(cache.masks[pos]) > 0).float()[:, None],
+                                                    SIZE // 16)[:, 0]
+    assert pred[cover > 0.3].mean() > pred[cover == 0].mean() + 0.3
+
+    out = tmp_path / "mask"
+    assert probe.main(["--run", str(run), "--arch", "stem", "--steps", "50", "--batch-size", "16", "--mask-weight",
+                       "1", "--channels-last", "--out", str(out), "--no-progress"]) == 0
+    curve = json.loads((out / "probe.json").read_text())["loss_curve"]
+    assert {"step", "loss", "mask_loss"} <= set(curve[0])
+    with pytest.raises(SystemExit, match="are for --arch stem"):
+        probe.main(["--run", str(run), "--arch", "cnn", "--mask-weight", "1", "--no-progress"])

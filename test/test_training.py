@@ -143,7 +143,8 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
     for extra, says in ((["--heads", "seg,frame"], "add it with --frame-steps"),
                         (["--heads", "cls", "--frame-steps", "10"], "it needs --heads with seg"),
-                        (["--frame-steps", "-1"], "--frame-steps and --frame-warmup must be >= 0")):
+                        (["--frame-steps", "-1"], "--frame-warmup and --frame-mask-weight must be >= 0"),
+                        (["--frame-mask-weight", "-0.5"], "--frame-mask-weight must be >= 0")):
         with pytest.raises(SystemExit):
             T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
         assert says in capsys.readouterr().err, extra
@@ -418,6 +419,13 @@ def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny
     assert (out / "model/model.safetensors").read_bytes() == weights
     assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20"]) == 0  # other settings: trained
     assert "frame head: 20 steps in" in capsys.readouterr().err
+    # mask supervision: its cell convolution trains with the head and is not exported
+    assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20", "--frame-mask-weight", "1"]) == 0
+    assert "mask supervision x 1" in capsys.readouterr().err
+    supervised = load_exported(out / "model")
+    assert supervised.state_dict().keys() == m.state_dict().keys()
+    prov = json.loads((out / "model/model.json").read_text())["provenance"]["training"]["frame_head"]
+    assert prov["settings"]["mask_weight"] == 1.0 and prov["steps"] == 20
 
 
 def test_run_seed_replicates_on_the_same_split(tiny, cache112, tmp_path):

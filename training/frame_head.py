@@ -7,8 +7,13 @@ linear layer do, and cheaply: ``fetaliqa.model.heads.FrameHead``. After the SEG 
 trained, and before calibration, this stage fits a FrameHead alone (the SEG model untouched)
 on the training cases: every epoch all annotated frames plus ``neg_ratio`` x as many others
 (``train.epoch_rows``), the training augmentation, binary cross-entropy, AdamW with warmup
-steps and cosine decay, gradient norm clipped at 1. Its probability then multiplies each
-frame's quality score (``fetaliqa.select``), and calibration sets the score cut with it.
+steps and cosine decay, gradient norm clipped at 1. With ``--frame-mask-weight w`` the loss
+adds w x a per-cell BCE: a 1x1 convolution on the stem's cells (7x7 at 112), trained with the
+head and then dropped, predicts how much of each cell the (augmented) label mask covers. That
+deep supervision says where the annotated section lies, not only whether: the frame loss then
+leaves its base-rate plateau after a few hundred steps instead of about 1,500 (docs/training.md).
+The head's probability then multiplies each frame's quality score (``fetaliqa.select``), and
+calibration sets the score cut with it.
 
 The trained head is kept in ``OUT/frame_head.pt`` with the settings it was trained under; a
 ``--resume`` that finds the same settings (and the same cache) loads it instead of training it
@@ -40,16 +45,22 @@ FRAME_HEAD_FILE = "frame_head.pt"
 def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], cache, pos: np.ndarray,
                          neg: np.ndarray, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                          warmup: int, neg_ratio: float, seed: int, augment: AugmentConfig | None,
+                         hard: np.ndarray | None = None, hard_frac: float = 0.0, mask_weight: float = 0.0,
                          device: torch.device | str = "cpu", channels_last: bool = False, progress: bool = True,
                          desc: str = "frame head") -> dict:
     """Train ``net`` (all its parameters) as a binary frame classifier for ``steps`` steps of
     ``batch_size`` cache rows; ``forward`` maps augmented frames (B, S, S) float 0..255 to (B,)
     logits through ``net`` (on ``device``). pos, neg: annotated and other training rows.
-    Augmentation (on the CPU) from a generator seeded with ``seed`` (None: off).
+    Augmentation (on the CPU) from a generator seeded with ``seed`` (None: off). hard, hard_frac:
+    that fraction of each epoch's negatives drawn from ``hard`` (``train.epoch_rows``).
+    mask_weight > 0: deep supervision; ``forward`` returns (logits, cell logits (B, 1, g, g)) and
+    the loss adds mask_weight x the BCE of the cells against the fraction of each cell the
+    (augmented) label mask covers: where the annotated abdomen lies, not only whether.
     channels_last: ``net`` trains in that memory format (back to the default after) and
     ``forward`` should feed it NHWC-strided input: the CPU's convolutions run about 30 % faster
     so (the same maths up to float reassociation).
-    Returns {"steps", "epochs_started", "minutes", "loss_curve": mean loss of every 50 steps}."""
+    Returns {"steps", "epochs_started", "minutes", "loss_curve": mean frame loss (and mask loss)
+    of every 50 steps}."""
     from .train import epoch_rows, lr_factor
 
     labels = np.zeros(int(max(pos.max(initial=-1), neg.max(initial=-1))) + 1, bool)
@@ -59,23 +70,30 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
     if channels_last:
         net.to(memory_format=torch.channels_last)
     net.train()
-    losses, curve, t0, step, epoch = [], [], time.time(), 0, 0
+    losses, mask_losses, curve, t0, step, epoch = [], [], [], time.time(), 0, 0
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     while step < steps:
-        rows = epoch_rows(pos, neg, neg_ratio, seed, epoch)
+        rows = epoch_rows(pos, neg, neg_ratio, seed, epoch, hard, hard_frac)
         if len(rows) < batch_size:
             raise ValueError(f"an epoch holds {len(rows)} frames, fewer than the batch size {batch_size}")
         for k in range(0, len(rows) - batch_size + 1, batch_size):
             batch = np.sort(rows[k:k + batch_size])
-            x = torch.from_numpy(cache.frames[batch].astype(np.float32))
+            x, m = torch.from_numpy(cache.frames[batch].astype(np.float32)), torch.from_numpy(cache.masks[batch])
             if augment is not None:
-                x, _ = augment_batch(x, torch.from_numpy(cache.masks[batch]), augment, gen)
+                x, m = augment_batch(x, m, augment, gen)
             x, y = x.to(device), torch.from_numpy(labels[batch].astype(np.float32)).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(step, steps, warmup, "cosine")
-            loss = F.binary_cross_entropy_with_logits(forward(x), y)
+            if mask_weight > 0:
+                logits, cells = forward(x)
+                cover = F.adaptive_avg_pool2d((m > 0).float()[:, None].to(device), cells.shape[-2:])
+                mask_loss = F.binary_cross_entropy_with_logits(cells, cover)
+                mask_losses.append(mask_loss.item())
+            else:
+                logits, mask_loss = forward(x), 0.0
+            loss = F.binary_cross_entropy_with_logits(logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + mask_weight * mask_loss).backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
@@ -83,6 +101,8 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
             bar.update()
             if step % 50 == 0:
                 curve.append({"step": step, "loss": float(np.mean(losses[-50:]))})
+                if mask_losses:
+                    curve[-1]["mask_loss"] = float(np.mean(mask_losses[-50:]))
                 bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
             if step == steps:
                 break
@@ -100,6 +120,7 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
 
     path, device = out / FRAME_HEAD_FILE, next(model.parameters()).device
     settings = {"steps": args.frame_steps, "batch_size": args.frame_batch_size, "lr": args.frame_lr,
+                "mask_weight": args.frame_mask_weight,
                 "weight_decay": args.weight_decay, "warmup_steps": args.frame_warmup, "neg_ratio": args.neg_ratio,
                 "seed": args.run_seed, "augment": not args.no_augment, "label_policy": args.label_policy,
                 "cache_fingerprint": cache.meta.get("fingerprint"), "positives": int(len(pos)),
@@ -114,15 +135,26 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
     else:
         torch.manual_seed(args.run_seed)
         head, cfg = FrameHead().to(device), model.config
+        # deep supervision: a 1x1 convolution on the stem's cells, trained with the head, then dropped
+        cells = nn.Conv2d(head[0][-1].out_channels, 1, 1).to(device) if args.frame_mask_weight > 0 else None
         print(f"[train] frame head: {sum(p.numel() for p in head.parameters()):,} parameters, {args.frame_steps} "
-              f"steps of {args.frame_batch_size} ({len(pos)} annotated of {len(pos) + len(neg)} training frames)",
+              f"steps of {args.frame_batch_size} ({len(pos)} annotated of {len(pos) + len(neg)} training frames"
+              + (f"; mask supervision x {args.frame_mask_weight:g}" if cells is not None else "") + ")",
               file=sys.stderr)
+
+        def forward(x: torch.Tensor):
+            x = normalize(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
+            if cells is None:
+                return head(x)
+            logits, feats = head.forward_features(x)
+            return logits, cells(feats)
+
         info = fit_frame_classifier(
-            head, lambda x: head(normalize(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)),
-            cache, pos, neg, steps=args.frame_steps, batch_size=args.frame_batch_size, lr=args.frame_lr,
+            head if cells is None else nn.ModuleList([head, cells]), forward, cache, pos, neg,
+            steps=args.frame_steps, batch_size=args.frame_batch_size, lr=args.frame_lr,
             weight_decay=args.weight_decay, warmup=args.frame_warmup, neg_ratio=args.neg_ratio, seed=args.run_seed,
-            augment=None if args.no_augment else AugmentConfig(), device=device, channels_last=True,
-            progress=args.progress)
+            augment=None if args.no_augment else AugmentConfig(), mask_weight=args.frame_mask_weight, device=device,
+            channels_last=True, progress=args.progress)
         atomic_save({"settings": settings, "state": {k: v.cpu() for k, v in head.state_dict().items()},
                      "info": info}, path)
     final_loss = info["loss_curve"][-1]["loss"] if info["loss_curve"] else None

@@ -50,6 +50,7 @@ from .cache import FrameCache
 from .calibrate import calibrate_score_threshold
 from .frame_head import fit_frame_classifier
 from .splits import Split
+from .train import same_sweep_negatives
 
 ARCHS = ("cnn", "vit", "vit-conv", "stem")
 
@@ -103,24 +104,35 @@ class StemClassifier(nn.Module):
     tokens of width 128, global average pooling, a linear layer) on (B, 1, S, S) grey frames in
     0..255 -> (B,) logits, normalised as the run's model normalises them."""
 
-    def __init__(self, run_args: dict) -> None:
+    def __init__(self, run_args: dict, convs_per_stage: int = 2) -> None:
         super().__init__()
         cfg = run_model_config(run_args, heads="cls")
-        self.net = FrameHead()
+        self.net = FrameHead(convs_per_stage=convs_per_stage)
         self.mean, self.std = cfg.mean, cfg.std
+        self.channels_last = False  # set by main with --channels-last
+        self.cells: nn.Module | None = None  # deep supervision: main sets a 1x1 convolution with --mask-weight
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.net(normalize(grey.squeeze(1), self.mean, self.std))
+        return self.net(self._input(grey))
+
+    def forward_with_cells(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame logits, the stem's cell logits (B, 1, g, g)) for --mask-weight."""
+        logits, feats = self.net.forward_features(self._input(grey))
+        return logits, self.cells(feats)
+
+    def _input(self, grey: torch.Tensor) -> torch.Tensor:
+        x = normalize(grey.squeeze(1), self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def build_probe(arch: str, run_args: dict, width: int) -> tuple[nn.Module, str]:
+def build_probe(arch: str, run_args: dict, width: int, stem_convs: int = 2) -> tuple[nn.Module, str]:
     """The classifier and the input it wants: "standard" ((x - 128) / 64) or "raw" (0..255)."""
     if arch == "cnn":
         return small_cnn(width), "standard"
     if arch in ("vit", "vit-conv"):
         return ViTClassifier(run_args, conv_stem=arch == "vit-conv"), "raw"
     if arch == "stem":
-        return StemClassifier(run_args), "raw"
+        return StemClassifier(run_args, stem_convs), "raw"
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -165,7 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=50, help="warmup steps")
     p.add_argument("--neg-ratio", type=float, default=2.0)
+    p.add_argument("--hard-neg-frac", type=float, default=0.0,
+                   help="this fraction of each epoch's negatives from the sweeps that hold an annotated frame")
     p.add_argument("--width", type=int, default=32, help="first stage width of the cnn")
+    p.add_argument("--stem-convs", type=int, default=2,
+                   help="stem: 3x3 convolutions per stage (the first strided), 2 as in the frame head's default")
+    p.add_argument("--channels-last", action="store_true",
+                   help="stem: train in the channels-last layout, as the frame-head stage does (faster on CPUs)")
+    p.add_argument("--mask-weight", type=float, default=0.0,
+                   help="stem: deep supervision, weight of a per-cell BCE against the label mask's coverage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, help="default: RUN/probe-ARCH")
@@ -195,17 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("the probe needs annotated frames in both the training and the validation cases")
 
     torch.manual_seed(args.seed)
-    net, kind = build_probe(args.arch, run_args, args.width)
+    net, kind = build_probe(args.arch, run_args, args.width, args.stem_convs)
+    if (args.channels_last or args.mask_weight) and args.arch != "stem":
+        sys.exit("--channels-last and --mask-weight are for --arch stem")
+    if args.channels_last:
+        net.channels_last = True
+    if args.mask_weight:
+        net.cells = nn.Conv2d(net.net[0][-1].out_channels, 1, 1)
     out = args.out or args.run / f"probe-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"probe {args.arch}: {sum(p.numel() for p in net.parameters()):,} parameters; "
           f"{len(pos)} annotated of {len(train_rows)} training frames, {int(labels[val_rows].sum())} of "
           f"{len(val_rows)} validation frames; {args.steps} steps of {args.batch_size}", file=sys.stderr)
     try:
-        fit = fit_frame_classifier(net, lambda x: net(_inputs(x, kind)), cache, pos, neg, steps=args.steps,
+        forward = (lambda x: net.forward_with_cells(_inputs(x, kind))) if args.mask_weight else (
+            lambda x: net(_inputs(x, kind)))
+        fit = fit_frame_classifier(net, forward, cache, pos, neg, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                                    warmup=args.warmup, neg_ratio=args.neg_ratio, seed=args.seed,
-                                   augment=AugmentConfig(), progress=args.progress, desc="probe")
+                                   augment=AugmentConfig(), channels_last=args.channels_last,
+                                   hard=same_sweep_negatives(cache.index, pos, neg) if args.hard_neg_frac else None,
+                                   hard_frac=args.hard_neg_frac, mask_weight=args.mask_weight,
+                                   progress=args.progress, desc="probe")
     except ValueError as e:  # an epoch smaller than a batch
         sys.exit(f"{e}: lower --batch-size")
     step, epoch, minutes, curve = fit["steps"], fit["epochs_started"], fit["minutes"], fit["loss_curve"]

@@ -22,9 +22,17 @@ class FrameHead(nn.Sequential):
     (``training.probe --arch stem``; docs/training.md); with FetalCLIP's pretrained encoder
     the published heads need no such help."""
 
-    def __init__(self, width: int = 128, patch_size: int = 16) -> None:
-        super().__init__(ConvStem(width, patch_size), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
-                         nn.Flatten(0))
+    def __init__(self, width: int = 128, patch_size: int = 16, convs_per_stage: int = 2) -> None:
+        super().__init__(ConvStem(width, patch_size, convs_per_stage), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 1), nn.Flatten(0))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B,), the stem's features (B, width, S/patch, S/patch)): for training that
+        also supervises the features (``training.frame_head``, --frame-mask-weight)."""
+        feats = out = self[0](x)
+        for layer in list(self)[1:]:
+            out = layer(out)
+        return out, feats
 
 
 class FetalIQAModel(nn.Module):
