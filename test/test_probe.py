@@ -165,5 +165,8 @@ def test_mask_supervision_teaches_the_stem_where_the_annotated_section_lies(run,
                        "1", "--channels-last", "--out", str(out), "--no-progress"]) == 0
     curve = json.loads((out / "probe.json").read_text())["loss_curve"]
     assert {"step", "loss", "mask_loss"} <= set(curve[0])
-    with pytest.raises(SystemExit, match="are for --arch stem"):
-        probe.main(["--run", str(run), "--arch", "cnn", "--mask-weight", "1", "--no-progress"])
+    for bad, says in ((["--arch", "cnn", "--mask-weight", "1"], "are for --arch stem"),
+                      (["--arch", "stem", "--mask-weight", "-1"], "--mask-weight >= 0"),
+                      (["--arch", "stem", "--stem-convs", "0"], "--stem-convs must be >= 1")):
+        with pytest.raises(SystemExit, match=says):
+            probe.main(["--run", str(run), *bad, "--no-progress"])

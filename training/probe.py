@@ -24,6 +24,11 @@ a given encoder learns in a given budget. Architectures:
   that tower without its transformer, and the product's frame head
   (``fetaliqa.model.heads.FrameHead``, ``training.train --frame-steps``).
 
+Options that vary the stem probe as the frame-head stage can be varied: ``--channels-last``
+(the stage's memory layout), ``--mask-weight W`` (its mask supervision, ``--frame-mask-weight``),
+``--stem-convs 1`` (one convolution per stage); and for any arch ``--hard-neg-frac F``
+(``train.epoch_rows``' hard negatives: that fraction of the negatives from annotated sweeps).
+
 Writes ``OUT/probe.json`` (figures, settings, the mean training loss of every 50 steps) and
 ``OUT/val_scores.npy`` (one probability per validation frame, in cache row order).
 """
@@ -195,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        sys.exit("--steps and --batch-size must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.stem_convs < 1:
+        sys.exit("--steps, --batch-size and --stem-convs must be >= 1")
+    if not 0 <= args.hard_neg_frac <= 1 or not args.mask_weight >= 0:
+        sys.exit("--hard-neg-frac must be in [0, 1] and --mask-weight >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     for need in ("args.json", "split.json"):
@@ -216,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     net, kind = build_probe(args.arch, run_args, args.width, args.stem_convs)
-    if (args.channels_last or args.mask_weight) and args.arch != "stem":
-        sys.exit("--channels-last and --mask-weight are for --arch stem")
+    if (args.channels_last or args.mask_weight or args.stem_convs != 2) and args.arch != "stem":
+        sys.exit("--channels-last, --mask-weight and --stem-convs are for --arch stem")
     if args.channels_last:
         net.channels_last = True
     if args.mask_weight:
