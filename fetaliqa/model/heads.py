@@ -15,7 +15,8 @@ from .decoder import SegDecoder
 
 class FrameHead(nn.Sequential):
     """A frame classifier beside the encoder, on the model's input: ``ConvStem(width, patch_size)``
-    (log2(patch) stages of a stride-2 and a stride-1 3x3 convolution with batch norm), global
+    (log2(patch) stages of a stride-2 and, by default, a stride-1 3x3 convolution with batch
+    norm: ``convs_per_stage`` 2; the probe's --stem-convs varies it), global
     average pooling, a linear layer. (B, 3, S, S) normalised -> (B,) logits, S divisible by
     patch_size. It exists because a vision transformer trained from random weights on a few
     hundred annotated frames does not learn the frame label, while these convolutions do
