@@ -78,7 +78,8 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
             raise ValueError(f"an epoch holds {len(rows)} frames, fewer than the batch size {batch_size}")
         for k in range(0, len(rows) - batch_size + 1, batch_size):
             batch = np.sort(rows[k:k + batch_size])
-            x, m = torch.from_numpy(cache.frames[batch].astype(np.float32)), torch.from_numpy(cache.masks[batch])
+            x = torch.from_numpy(cache.frames[batch].astype(np.float32))
+            m = torch.from_numpy(cache.masks[batch]) if augment is not None or mask_weight > 0 else None
             if augment is not None:
                 x, m = augment_batch(x, m, augment, gen)
             x, y = x.to(device), torch.from_numpy(labels[batch].astype(np.float32)).to(device)
