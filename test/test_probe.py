@@ -126,30 +126,30 @@ def test_probe_reads_the_runs_calibration_and_refuses_a_folder_that_is_not_a_run
 
 
 def test_mask_supervision_teaches_the_stem_where_the_annotated_section_lies(run, tmp_path):
-    """fit_frame_classifier(mask_weight > 0): the forward returns (frame logits, cell logits) and
-    the cells learn the label mask's coverage, so on annotated frames the cells under the disc
+    """fit_frame_classifier(mask_weight > 0) with a MaskSupervised head: the forward returns
+    (frame logits, cell logits) and the cells learn the label mask's coverage, so on annotated frames the cells under the disc
     score above the others; the probe's --mask-weight trains that way and reports both losses."""
     import torch
-    from torch import nn
 
     from fetaliqa.model.heads import FrameHead
     from training.cache import FrameCache
-    from training.frame_head import fit_frame_classifier
+    from training.frame_head import MaskSupervised, fit_frame_classifier
 
     cache = FrameCache(json.loads((run / "args.json").read_text())["cache"])
     labels = cache.binary_labels("any")
     rows = np.arange(len(labels))
     torch.manual_seed(0)
-    head, cells = FrameHead(), nn.Conv2d(128, 1, 1)
+    head = FrameHead()
+    net = MaskSupervised(head)
     x = torch.rand(2, 3, SIZE, SIZE)
     logits, feats = head.eval().forward_features(x)
     assert feats.shape == (2, 128, SIZE // 16, SIZE // 16) and torch.equal(logits, head(x))
+    assert net(x)[1].shape == (2, 1, SIZE // 16, SIZE // 16)
 
     def forward(grey):
-        logits, feats = head.forward_features(probe.normalize(grey))
-        return logits, cells(feats)
+        return net(probe.normalize(grey))
 
-    fit = fit_frame_classifier(nn.ModuleList([head, cells]), forward, cache, rows[labels], rows[~labels], steps=150,
+    fit = fit_frame_classifier(net, forward, cache, rows[labels], rows[~labels], steps=150,
                                batch_size=16, lr=3e-3, weight_decay=0.01, warmup=5, neg_ratio=1.0, seed=0,
                                augment=None, mask_weight=1.0, progress=False)
     assert fit["loss_curve"][-1]["mask_loss"] < fit["loss_curve"][0]["mask_loss"]

@@ -42,6 +42,21 @@ from .augment import AugmentConfig, augment_batch
 FRAME_HEAD_FILE = "frame_head.pt"
 
 
+class MaskSupervised(nn.Module):
+    """A FrameHead with a 1x1 convolution on its stem's cells, for mask supervision
+    (``--frame-mask-weight``): ``forward(x)`` -> (frame logits (B,), cell logits (B, 1, g, g)),
+    what ``fit_frame_classifier(mask_weight > 0)`` wants. Only ``head`` outlives training."""
+
+    def __init__(self, head: FrameHead) -> None:
+        super().__init__()
+        self.head = head
+        self.cells = nn.Conv2d(head[0][-1].out_channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = self.head.forward_features(x)
+        return logits, self.cells(feats)
+
+
 def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], cache, pos: np.ndarray,
                          neg: np.ndarray, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                          warmup: int, neg_ratio: float, seed: int, augment: AugmentConfig | None,
@@ -136,23 +151,14 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
     else:
         torch.manual_seed(args.run_seed)
         head, cfg = FrameHead().to(device), model.config
-        # deep supervision: a 1x1 convolution on the stem's cells, trained with the head, then dropped
-        cells = nn.Conv2d(head[0][-1].out_channels, 1, 1).to(device) if args.frame_mask_weight > 0 else None
+        net = MaskSupervised(head).to(device) if args.frame_mask_weight > 0 else head
         print(f"[train] frame head: {sum(p.numel() for p in head.parameters()):,} parameters, {args.frame_steps} "
               f"steps of {args.frame_batch_size} ({len(pos)} annotated of {len(pos) + len(neg)} training frames"
-              + (f"; mask supervision x {args.frame_mask_weight:g}" if cells is not None else "") + ")",
+              + (f"; mask supervision x {args.frame_mask_weight:g}" if net is not head else "") + ")",
               file=sys.stderr)
-
-        def forward(x: torch.Tensor):
-            x = normalize(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
-            if cells is None:
-                return head(x)
-            logits, feats = head.forward_features(x)
-            return logits, cells(feats)
-
         info = fit_frame_classifier(
-            head if cells is None else nn.ModuleList([head, cells]), forward, cache, pos, neg,
-            steps=args.frame_steps, batch_size=args.frame_batch_size, lr=args.frame_lr,
+            net, lambda x: net(normalize(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)),
+            cache, pos, neg, steps=args.frame_steps, batch_size=args.frame_batch_size, lr=args.frame_lr,
             weight_decay=args.weight_decay, warmup=args.frame_warmup, neg_ratio=args.neg_ratio, seed=args.run_seed,
             augment=None if args.no_augment else AugmentConfig(), mask_weight=args.frame_mask_weight, device=device,
             channels_last=True, progress=args.progress)

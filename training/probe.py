@@ -53,7 +53,7 @@ from fetaliqa.preprocess import normalize
 from .augment import AugmentConfig
 from .cache import FrameCache
 from .calibrate import calibrate_score_threshold
-from .frame_head import fit_frame_classifier
+from .frame_head import MaskSupervised, fit_frame_classifier
 from .splits import Split
 from .train import same_sweep_negatives
 
@@ -115,15 +115,14 @@ class StemClassifier(nn.Module):
         self.net = FrameHead(convs_per_stage=convs_per_stage)
         self.mean, self.std = cfg.mean, cfg.std
         self.channels_last = False  # set by main with --channels-last
-        self.cells: nn.Module | None = None  # deep supervision: main sets a 1x1 convolution with --mask-weight
+        self.supervised: MaskSupervised | None = None  # set by main with --mask-weight
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
         return self.net(self._input(grey))
 
     def forward_with_cells(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(frame logits, the stem's cell logits (B, 1, g, g)) for --mask-weight."""
-        logits, feats = self.net.forward_features(self._input(grey))
-        return logits, self.cells(feats)
+        return self.supervised(self._input(grey))
 
     def _input(self, grey: torch.Tensor) -> torch.Tensor:
         x = normalize(grey.squeeze(1), self.mean, self.std)
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         net.channels_last = True
     if args.mask_weight:
-        net.cells = nn.Conv2d(net.net[0][-1].out_channels, 1, 1)
+        net.supervised = MaskSupervised(net.net)
     out = args.out or args.run / f"probe-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"probe {args.arch}: {sum(p.numel() for p in net.parameters()):,} parameters; "
