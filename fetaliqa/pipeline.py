@@ -34,8 +34,8 @@ from tqdm import tqdm
 from .model.fuse import inference_view
 from .postprocess import final_mask
 from .preprocess import frames_to_model_input, iter_frame_batches, square_to_native
-from .select import (best_of, choose_frame, coarse_frames, frame_stats, neighbourhood, seg_scores, sweep_candidates,
-                     sweep_length)
+from .select import (best_of, choose_frame, coarse_frames, frame_decision, frame_stats, neighbourhood, seg_scores,
+                     sweep_candidates, sweep_length)
 
 SEARCHES = ("exhaustive", "fast")
 SEG_STATS = ("area", "mean_fg", "peak", "shape")  # per-frame SEG statistics (select.frame_stats)
@@ -156,18 +156,37 @@ class FrameScorer:
     def n_scored(self) -> int:
         return int(self.scored.sum())
 
+    def _by_cls(self) -> bool:
+        return self.cfg.select_by == "cls" and "cls" in self.cfg.heads or "seg" not in self.cfg.heads
+
     def scores_and_good(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(scores float32, good bool, tiebreak or None) under the config's selection head."""
         cfg = self.cfg
-        if cfg.select_by == "cls" and "cls" in cfg.heads or "seg" not in cfg.heads:
-            p = self.cls_prob
-            return p.copy(), np.nan_to_num(p, nan=-1.0) >= cfg.cls_threshold, None
+        if self._by_cls():
+            return self.cls_prob.copy(), self._cut(*self.decision()), None
         scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)),
                             shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior,
                             frame_prob=self.frame_prob if "frame" in cfg.heads else None)
+        return scores, self._cut(*self.decision(scores)), self.peak
+
+    def decision(self, scores: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """(per-frame value, cut): a frame is good when its value reaches the cut (nan: not
+        scored, never good). The CLS probability; or, in this order of precedence, the frame
+        head's smoothed probability (``frame_threshold``), the quality score
+        (``score_threshold``; ``scores``: computed here unless given), the foreground area."""
+        cfg = self.cfg
+        if self._by_cls():
+            return self.cls_prob, cfg.cls_threshold
+        if cfg.frame_threshold is not None and "frame" in cfg.heads:
+            return frame_decision(self.frame_prob, cfg.temporal_window, sweep_length(len(self.area))), \
+                cfg.frame_threshold
         if cfg.score_threshold is not None:
-            return scores, np.nan_to_num(scores, nan=-1.0) >= cfg.score_threshold, self.peak
-        return scores, np.nan_to_num(self.area, nan=-1.0) >= cfg.area_threshold, self.peak
+            return (self.scores_and_good()[0] if scores is None else scores), cfg.score_threshold
+        return self.area, cfg.area_threshold
+
+    @staticmethod
+    def _cut(values: np.ndarray, cut: float) -> np.ndarray:
+        return np.nan_to_num(np.asarray(values, np.float64), nan=-1.0) >= cut
 
     def ranking(self, scores_and_good: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """``scores_and_good`` (computed here unless given) as the frame choice ranks it: with

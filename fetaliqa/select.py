@@ -16,7 +16,11 @@ each sweep held an annotation in the training cases; it applies to 6-sweep stack
 shape_power 0, no frame head and no prior give the plain rule.
 Frames not scored (blank frames, or skipped by a coarse search) are nan and never chosen.
 A frame is good when its area fraction >= area_threshold, or, when the config has a
-score_threshold (calibrated in training), when its score >= score_threshold. The chosen
+score_threshold (calibrated in training), when its score >= score_threshold, or, when it
+has a frame_threshold (a model with a frame head), when its head's smoothed probability
+(``frame_decision``: (frame_i + mean frame over +-temporal_window in the same sweep) / 2)
+>= frame_threshold: the head alone ranks annotated frames better than any product with
+the SEG statistics (docs/training.md), so it decides which frames are good. The chosen
 frame is the best score among good frames; if none is good the best score anyway (ties
 and all-zero scores broken by the peak probability); -1 only when nothing was scored (no
 signal). A config with ``choose_from="all"`` takes the best score over all scored frames
@@ -88,6 +92,19 @@ def temporal_support(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.
     return out
 
 
+def smoothed(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
+    """(raw + ``temporal_support``) / 2 (float64; raw itself for window <= 0): a frame's value
+    backed by its neighbours', so an isolated response counts half."""
+    raw = np.asarray(raw, np.float64)
+    return raw if window <= 0 else (raw + temporal_support(raw, window, frames_per_sweep)) / 2
+
+
+def frame_decision(frame_prob: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
+    """The value a frame threshold cuts: the frame head's probability, ``smoothed`` over
+    +-window frames of the same sweep; float32, nan where not scored."""
+    return smoothed(frame_prob, window, frames_per_sweep).astype(np.float32)
+
+
 def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sweep: int, *,
                shape: np.ndarray | None = None, shape_power: float = 0.0,
                sweep_prior: Sequence[float] | None = None, frame_prob: np.ndarray | None = None) -> np.ndarray:
@@ -100,7 +117,7 @@ def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sw
         if shape is None:
             raise ValueError("shape_power needs the per-frame shape statistic")
         raw = raw * np.asarray(shape, np.float64) ** shape_power
-    score = raw if window <= 0 else (raw + temporal_support(raw, window, frames_per_sweep)) / 2
+    score = smoothed(raw, window, frames_per_sweep)
     n = len(score)
     if sweep_prior is not None and n == 6 * frames_per_sweep:
         score = score * np.repeat(np.asarray(sweep_prior, np.float64), frames_per_sweep)

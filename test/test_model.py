@@ -72,6 +72,12 @@ def test_config_round_trip():
     for bad in (0, -0.1):
         with pytest.raises(ValueError, match="score_threshold"):
             ModelConfig.from_dict({**d, "score_threshold": bad})
+    with_head = {**d, "heads": ["seg", "frame"]}
+    assert cfg.frame_threshold is None and ModelConfig.from_dict({**with_head, "frame_threshold": 0.5}).frame_threshold \
+        == 0.5
+    for bad in ({**with_head, "frame_threshold": 0}, {**d, "frame_threshold": 0.5}):  # no frame head to cut
+        with pytest.raises(ValueError, match="frame_threshold"):
+            ModelConfig.from_dict(bad)
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**d, "bogus": 1})
 

@@ -19,9 +19,11 @@ class BrightIsAbdomen(nn.Module):
     (after CLIP normalisation) are foreground. Exercises preprocessing, the inverse mapping,
     scoring and selection without trained weights."""
 
+    heads = ("seg",)
+
     def __init__(self, **kw):
         super().__init__()
-        self.config = ModelConfig(backbone="fetalclip-small", heads=("seg",), **kw)
+        self.config = ModelConfig(backbone="fetalclip-small", heads=self.heads, **kw)
 
     def forward(self, x):
         return {"seg": (x[:, :1] - 0.1) * 20}
@@ -105,9 +107,7 @@ def test_cls_selection_uses_cls_head():
 class BrightWithFrameHead(BrightIsAbdomen):
     """BrightIsAbdomen plus a frame head whose logit falls with the frame's mean intensity."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.config = ModelConfig(backbone="fetalclip-small", heads=("seg", "frame"), **kw)
+    heads = ("seg", "frame")
 
     def forward(self, x):
         return {**super().forward(x), "frame": -8 * (x.mean((1, 2, 3)) + 1.2)}
@@ -136,3 +136,36 @@ def test_frame_head_probability_enters_the_quality_score():
     a = analyse_stack(st, model, batch_size=4, progress=False)
     np.testing.assert_allclose(a.scores, scores, rtol=1e-6)
     assert a.frame == int(np.nanargmax(scores))
+
+
+def test_frame_threshold_decides_good_frames_by_the_head_alone():
+    """With frame_threshold set a frame is good when the head's smoothed probability reaches
+    it, whatever its quality score or area; the scores do not move, nor the choice with
+    choose_from="all" (with "good" it is the best score among the head's good frames)."""
+    import dataclasses
+
+    from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude
+    from fetaliqa.select import frame_decision, sweep_length
+    st = _stack()[0]
+    kw = dict(temporal_window=1, score_threshold=1e-4, choose_from="all")
+    by_score = FrameScorer(st, BrightWithFrameHead(**kw), batch_size=4, progress=False)
+    by_score.score(range(1, len(st)))
+    values = frame_decision(by_score.frame_prob, 1, sweep_length(len(st)))
+    cut = float(np.nanmedian(values))
+    by_head = ReplayScorer(by_score, config=dataclasses.replace(by_score.cfg, frame_threshold=cut))
+    by_head.score(range(1, len(st)))
+    a, b = conclude(by_score), conclude(by_head)
+    np.testing.assert_array_equal(b.good, np.nan_to_num(values, nan=-1) >= cut)
+    np.testing.assert_array_equal(by_head.decision()[0], values)
+    assert by_head.decision()[1] == cut and by_score.decision()[1] == 1e-4
+    assert not b.good[0] and 0 < b.good.sum() < len(st) - 1  # frame 0 (blank, not scored) is never good
+    assert not np.array_equal(a.good, b.good)  # the quality-score cut decides otherwise
+    assert a.frame == b.frame and np.array_equal(a.scores, b.scores, equal_nan=True)
+    full = analyse_stack(st, BrightWithFrameHead(**kw, frame_threshold=cut), batch_size=4, progress=False)
+    np.testing.assert_array_equal(full.good, b.good)
+    assert full.frame == b.frame
+    among_good = ReplayScorer(by_score, config=dataclasses.replace(by_head.cfg, choose_from="good"))
+    among_good.score(range(1, len(st)))
+    c = conclude(among_good)
+    assert c.frame == int(np.nanargmax(np.where(b.good, b.scores, np.nan)))
+    assert not b.good[b.frame] and c.frame != b.frame  # here the best score is not a good frame

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fetaliqa.postprocess import ellipse_mask, final_mask, largest_component
-from fetaliqa.select import (choose_frame, frame_stats, seg_scores, shape_from_moments, sweep_length,
-                             temporal_support)
+from fetaliqa.select import (choose_frame, frame_decision, frame_stats, seg_scores, shape_from_moments,
+                             sweep_length, temporal_support)
 
 
 def test_frame_stats_by_hand():
@@ -73,6 +73,18 @@ def test_frame_head_probability_weighs_the_raw_score_before_temporal_support():
     assert int(np.argmax(seg_scores(area, mean, 1, 5))) == 1 and int(np.argmax(s)) == 2
     prob[2] = np.nan  # a frame the head did not score is not scored
     assert np.isnan(seg_scores(area, mean, 1, 5, frame_prob=prob)[2])
+
+
+def test_frame_decision_is_the_head_probability_backed_by_its_sweep_neighbours():
+    # two sweeps of 5 frames; frame 2 not scored (nan): it is skipped by its neighbours' support
+    p = np.array([0.2, 0.8, np.nan, 0.6, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    d = frame_decision(p, 1, 5)
+    # frame 0: (0.2 + mean(0.2, 0.8)) / 2; frame 1: (0.8 + mean(0.2, 0.8)) / 2; frame 3: (0.6 + mean(0.6, 0)) / 2;
+    # frame 4: (0 + mean(0.6, 0)) / 2; frame 5 (sweep 2 starts: frame 4 does not count): (1 + mean(1, 1)) / 2;
+    # frame 6: (1 + mean(1, 1, 0)) / 2; frame 7: (0 + mean(1, 0, 0)) / 2
+    np.testing.assert_allclose(d[[0, 1, 3, 4, 5, 6, 7]], [0.35, 0.65, 0.45, 0.15, 1.0, 5 / 6, 1 / 6], rtol=1e-6)
+    assert np.isnan(d[2]) and d.dtype == np.float32
+    np.testing.assert_allclose(frame_decision(p, 0, 5), p.astype(np.float32))  # window 0: the probability itself
 
 
 def test_sweep_length():

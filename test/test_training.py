@@ -24,7 +24,8 @@ from fetaliqa.preprocess import masks_to_square, normalize, pad_resize  # noqa: 
 from training import train as T  # noqa: E402
 from training.augment import AugmentConfig, augment_batch  # noqa: E402
 from training.cache import CacheConfig, FrameCache, build_cache  # noqa: E402
-from training.calibrate import best_area_cut, best_cut, calibrate_score_threshold, case_scores  # noqa: E402
+from training.calibrate import (best_area_cut, best_cut, calibrate_score_threshold, case_frame_decision,  # noqa: E402
+                                case_scores)
 from training.data import DataError, frame_labels, load_case, read_release  # noqa: E402
 from training.splits import Split, make_split  # noqa: E402
 
@@ -144,7 +145,8 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
     for extra, says in ((["--heads", "seg,frame"], "add it with --frame-steps"),
                         (["--heads", "cls", "--frame-steps", "10"], "it needs --heads with seg"),
                         (["--frame-steps", "-1"], "--frame-warmup and --frame-mask-weight must be >= 0"),
-                        (["--frame-mask-weight", "-0.5"], "--frame-mask-weight must be >= 0")):
+                        (["--frame-mask-weight", "-0.5"], "--frame-mask-weight must be >= 0"),
+                        (["--good-by", "frame"], "it needs --frame-steps > 0")):
         with pytest.raises(SystemExit):
             T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
         assert says in capsys.readouterr().err, extra
@@ -224,6 +226,16 @@ def test_pixel_threshold_by_case_score_and_policies():
     assert (p.pixel_threshold, p.area_threshold, p.score_threshold, p.sweep_prior) == (0.3, 0.04, 0.02, (0.5,) * 6)
     pub = threshold_policy(base, PUBLISHED, sel)  # no score cut: the published area rule decides
     assert (pub.pixel_threshold, pub.area_threshold, pub.score_threshold) == (0.5, 0.01, None)
+    # moving the choice to another grid entry keeps the frame head's cut (the same at every pixel threshold)
+    from training.calibrate import at_pixel_threshold
+    n = 6
+    pred = {"labels": np.array([1, 0, 0, 1, 0, 0], bool), "counts": np.zeros((n, 7)),
+            "dice_by_pixel_threshold": [0.0] * 7}
+    cache = type("C", (), {"size": 8})()
+    cal = {"pixel_threshold": 0.2, "grid": grid, "frame_decision": {"frame_threshold": 0.4}}
+    moved = at_pixel_threshold(cal, cache, pred, 0.5, chosen_by="case score")
+    assert moved["frame_decision"] == {"frame_threshold": 0.4} and moved["pixel_threshold"] == 0.5
+    assert moved["score_decision"] == {"score_threshold": 0.03} and moved["chosen_by"] == "case score"
 
 
 def test_validation_dice_over_all_frames_and_over_annotated_frames(cache112):
@@ -426,6 +438,22 @@ def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny
     assert supervised.state_dict().keys() == m.state_dict().keys()
     prov = json.loads((out / "model/model.json").read_text())["provenance"]["training"]["frame_head"]
     assert prov["settings"]["mask_weight"] == 1.0 and prov["steps"] == 20
+    # --good-by frame: the same head (loaded), and frames are good by its smoothed probability above the
+    # F1-best cut of the validation frames, put back at their stack positions; the score cut stays beside it
+    assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20", "--frame-mask-weight", "1",
+                   "--good-by", "frame"]) == 0
+    err = capsys.readouterr().err
+    assert "frame head: loaded" in err and "good by frame head >= " in err
+    by_head = load_exported(out / "model")
+    assert torch.equal(by_head.frame_head[-2].weight, supervised.frame_head[-2].weight)
+    cal = json.loads((out / "calibration.json").read_text())
+    pred = T.predict_rows(by_head, cache, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any",
+                          frame_stats=True)
+    values = case_frame_decision(by_head.config.temporal_window, pred["frame_prob"], idx["case"], idx["frame"], fps)
+    want = calibrate_score_threshold(values, pred["labels"], key="frame_threshold")
+    assert cal["frame_decision"] == pytest.approx(want) and by_head.config.frame_threshold == pytest.approx(
+        want["frame_threshold"])
+    assert by_head.config.score_threshold == pytest.approx(cal["score_decision"]["score_threshold"])
 
 
 def test_run_seed_replicates_on_the_same_split(tiny, cache112, tmp_path):
@@ -543,8 +571,9 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
                   for t in np.unique(fr3["q"][fr3["q"] > 0]))
     assert three["frame"]["f1_best_cut"] == pytest.approx(ceiling) and ceiling >= three["frame"]["f1"]
     out = capsys.readouterr().out
-    assert "frame decision by area alone" in out and f"best quality-score cut for these very frames (hindsight; " \
-        f"no cut on this score does better): {ceiling:.3f}" in out
+    assert "frame decision by area alone" in out and f"best cut on the decision's value for these very frames " \
+        f"(hindsight; no cut on it does better): {ceiling:.3f}" in out
+    assert np.array_equal(fr3["decision"], fr3["q"])  # the quality score is what this model's decision cuts
     # where the false positives lie, from the simulator's geometry of the same frames
     fp = fr3["good"] & ~lab
     w = three["false_positives"]
@@ -552,6 +581,32 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     assert w["level_ge_1"] == pytest.approx(np.mean(fr3["level"][fp] >= 1))
     assert w["in_annotated_sweep"] == pytest.approx(np.mean([lab[fr3["case"] == c].reshape(6, -1)[0].any()
                                                              for c in fr3["case"][fp]]))  # all in sweep 1
+    # a model with a frame head deciding by its smoothed probability: good, the ranking metrics and the
+    # hindsight cut follow that value; the quality-score decision is reported beside it
+    from fetaliqa.metrics import frame_metrics
+    from fetaliqa.select import frame_decision
+    torch.manual_seed(1)
+    export_model(build_model(ModelConfig(backbone="fetalclip-small", decoder_width=8, heads=("seg", "frame"),
+                                         score_threshold=0.3, frame_threshold=0.5)).eval(),
+                 tmp_path / "mf", {"simulation": {"seed": 5, "cases": 3}})
+    assert evaluate.main(["--model", str(tmp_path / "mf"), *common[2:], "--out", str(tmp_path / "four")]) == 0
+    fr4 = np.load(tmp_path / "four/frames.npz")
+    want = np.concatenate([np.nan_to_num(frame_decision(fr4["frame_prob"][fr4["case"] == c], 2, 6), nan=-1)
+                           for c in (0, 1)])
+    np.testing.assert_allclose(fr4["decision"], want, rtol=1e-6)
+    assert np.array_equal(fr4["good"], fr4["decision"] >= 0.5)
+    cut = float(np.median(fr4["decision"]))  # random weights: every frame near one probability; cut among them
+    meta = json.loads((tmp_path / "mf/model.json").read_text())
+    meta["config"]["frame_threshold"] = cut
+    (tmp_path / "mf/model.json").write_text(json.dumps(meta))
+    assert evaluate.main(["--model", str(tmp_path / "mf"), *common[2:], "--out", str(tmp_path / "four")]) == 0
+    fr4, four = np.load(tmp_path / "four/frames.npz"), json.loads((tmp_path / "four/summary.json").read_text())
+    lab4 = fr4["label"] > 0
+    assert np.array_equal(fr4["good"], fr4["decision"] >= cut) and 0 < fr4["good"].sum() < len(lab4)
+    assert four["frame"]["auroc"] == pytest.approx(frame_metrics(fr4["decision"], lab4, np.inf)["auroc"])
+    by_q = fr4["q"] >= 0.3
+    assert four["frame_score_rule"]["f1"] == pytest.approx(2 * (by_q & lab4).sum() / (by_q.sum() + lab4.sum()))
+    assert "frame decision by quality score (score >= 0.3)" in capsys.readouterr().out
 
 
 def test_geometry_options_rebuild_random_init_backbones_only(tmp_path):

@@ -9,7 +9,10 @@ put midway between the chosen cut and the next smaller observed area, for margin
 With the frame decision by quality score (``--good-by score``, the default) the pixel
 threshold is chosen for the masks instead (best pooled Dice on the annotated validation
 frames: it binarises the output mask and defines the area in the score), and the decision
-is the F1-best cut of the quality score, computed as the container computes it.
+is the F1-best cut of the quality score, computed as the container computes it. With
+``--good-by frame`` (a model with a frame head) the decision is instead the F1-best cut of
+the frame head's probability smoothed over the temporal window (``frame_threshold``), and
+the quality score only ranks frames for the case's choice.
 
 Pooled Dice favours low pixel thresholds (big masks), which the AC error pays for; with
 ``--pixel-threshold-by case-score`` every grid threshold, with its own area and score cuts,
@@ -82,27 +85,49 @@ def case_scores(cfg, stats: dict[str, np.ndarray], case: np.ndarray, frame: np.n
     if "frame" in cfg.heads and frame_prob is None:
         raise ValueError("the config has a frame head: case_scores needs its frame_prob")
     per_frame = {**stats, "frame_prob": frame_prob} if "frame" in cfg.heads else stats
+    return _at_stack_positions(
+        {k: per_frame[k] for k in ("area", "mean_fg", "shape", "frame_prob") if k in per_frame}, case, frame,
+        frames_per_sweep,
+        lambda full, fps: seg_scores(full["area"], full["mean_fg"], cfg.temporal_window, fps, shape=full["shape"],
+                                     shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior,
+                                     frame_prob=full.get("frame_prob")))
+
+
+def case_frame_decision(window: int, frame_prob: np.ndarray, case: np.ndarray, frame: np.ndarray,
+                        frames_per_sweep: dict[int, int]) -> np.ndarray:
+    """The value a frame threshold cuts (``fetaliqa.select.frame_decision``: the frame head's
+    probability smoothed over +-window frames) of cached frames, put back at their stack
+    positions per case as ``case_scores`` does."""
+    from fetaliqa.select import frame_decision
+
+    return _at_stack_positions({"frame_prob": frame_prob}, case, frame, frames_per_sweep,
+                               lambda full, fps: frame_decision(full["frame_prob"], window, fps))
+
+
+def _at_stack_positions(per_frame: dict[str, np.ndarray], case: np.ndarray, frame: np.ndarray,
+                        frames_per_sweep: dict[int, int], fn) -> np.ndarray:
+    """Per case: the rows' arrays put back at their stack positions (6 x frames per sweep; nan
+    where not cached, as unscored frames at inference), ``fn(full arrays, frames per sweep)``
+    -> per-position values, read back at the rows. float32 (len(case),)."""
     out = np.full(len(case), np.nan, np.float32)
     for c in np.unique(case):
         rows = np.flatnonzero(case == c)
         fps = frames_per_sweep[int(c)]
-        full = {k: np.full(6 * fps, np.nan, np.float32) for k in ("area", "mean_fg", "shape", "frame_prob")
-                if k in per_frame}
+        full = {k: np.full(6 * fps, np.nan, np.float32) for k in per_frame}
         for k, a in full.items():
             a[frame[rows]] = per_frame[k][rows]
-        sc = seg_scores(full["area"], full["mean_fg"], cfg.temporal_window, fps, shape=full["shape"],
-                        shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior, frame_prob=full.get("frame_prob"))
-        out[rows] = sc[frame[rows]]
+        out[rows] = fn(full, fps)[frame[rows]]
     return out
 
 
-def calibrate_score_threshold(scores: np.ndarray, labels: np.ndarray) -> dict:
-    """The quality-score cut maximising frame F1 (``ModelConfig.score_threshold``), with the
-    precision and recall it gives on these frames."""
+def calibrate_score_threshold(scores: np.ndarray, labels: np.ndarray, key: str = "score_threshold") -> dict:
+    """The quality-score cut maximising frame F1 (``ModelConfig.score_threshold``; any value
+    a positive cut applies to, e.g. the frame decision's, under ``key``), with the precision
+    and recall it gives on these frames."""
     scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
     f1, cut = best_cut(scores, labels, float(np.finfo(np.float32).tiny))
     m = frame_f1_table(scores >= cut, labels)
-    return {"score_threshold": cut, "f1": f1, "precision": m["val_precision"], "recall": m["val_recall"]}
+    return {key: cut, "f1": f1, "precision": m["val_precision"], "recall": m["val_recall"]}
 
 
 def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> dict:
@@ -117,7 +142,8 @@ def calibrate_thresholds(counts: np.ndarray, labels: np.ndarray, size: int) -> d
 
 
 def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, batch_size: int, amp,
-                    policy: str, progress: bool = True, selection: dict | None = None) -> dict:
+                    policy: str, progress: bool = True, selection: dict | None = None,
+                    by_frame_head: bool = False) -> dict:
     """Calibrate on cache rows: one model pass (``predict_rows``), then ``summarise_calibration``
     (its docstring says what is chosen). The pass itself is kept under "_pred" for callers that
     move the choice (``at_pixel_threshold``; pop it before serialising)."""
@@ -128,19 +154,22 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
     if pred["counts"] is None:  # CLS-only model: nothing to calibrate on masks
         return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
                 "f1": float("nan"), "frames": int(len(rows))}
-    return {**summarise_calibration(model.config, cache, pred, selection), "_pred": pred}
+    return {**summarise_calibration(model.config, cache, pred, selection, by_frame_head), "_pred": pred}
 
 
-def summarise_calibration(config, cache, pred: dict, selection: dict | None = None) -> dict:
+def summarise_calibration(config, cache, pred: dict, selection: dict | None = None,
+                          by_frame_head: bool = False) -> dict:
     """Thresholds and frame metrics from ``predict_rows`` output (config: the model's).
     Without ``selection``: the pixel and area thresholds of the best frame F1 (the area rule).
     selection: the exported config's selection fields (shape_power, sweep_prior, ...); when
     given, every grid entry also gets the F1-best quality-score cut at its pixel threshold
     ("score_decision", computed as the container scores frames), and the pixel threshold is
     the one whose masks match the annotated frames best (pooled Dice; the grid's
-    "mask_dice"); ``at_pixel_threshold`` moves the choice to another grid entry. Frame
-    metrics ("published", "calibrated") at the published and the chosen thresholds (area
-    rule)."""
+    "mask_dice"); ``at_pixel_threshold`` moves the choice to another grid entry.
+    by_frame_head (with selection, a model with a frame head): also the F1-best cut of the
+    frame head's smoothed probability ("frame_decision": ``ModelConfig.frame_threshold``,
+    the same at every pixel threshold). Frame metrics ("published", "calibrated") at the
+    published and the chosen thresholds (area rule)."""
     cal = calibrate_thresholds(pred["counts"], pred["labels"], cache.size)
     dice_pos = np.asarray(pred["dice_on_positives_by_pixel_threshold"])
     for g, d in zip(cal["grid"], dice_pos):
@@ -159,17 +188,25 @@ def summarise_calibration(config, cache, pred: dict, selection: dict | None = No
             # score's area): by default the best pooled Dice on the annotated validation frames
             best = max(cal["grid"], key=lambda g: (round(g["mask_dice"], 6), -abs(g["pixel_threshold"] - 0.5)))
             cal, chosen_by = {**best, "grid": cal["grid"]}, "mask dice"
+        if by_frame_head:
+            if pred.get("frame_prob") is None:
+                raise ValueError("a frame decision by the frame head needs a model with one")
+            window = selection.get("temporal_window", config.temporal_window)
+            values = case_frame_decision(window, pred["frame_prob"], idx["case"], idx["frame"], fps)
+            cal["frame_decision"] = calibrate_score_threshold(values, pred["labels"], key="frame_threshold")
     return _with_frame_metrics({"chosen_by": chosen_by, **cal}, cache, pred)
 
 
 def at_pixel_threshold(cal: dict, cache, pred: dict, pixel_threshold: float, chosen_by: str) -> dict:
     """``summarise_calibration``'s result with the choice moved to the grid entry at
     ``pixel_threshold`` (its area and score cuts; chosen, e.g., by whole-case challenge score:
-    ``choose_by_case_score``); the grid itself is not recomputed, the frame metrics are."""
+    ``choose_by_case_score``); the grid itself is not recomputed, the frame metrics are; the
+    frame head's cut ("frame_decision", the same at every pixel threshold) is kept."""
     chosen = [g for g in cal["grid"] if g["pixel_threshold"] == pixel_threshold]
     if not chosen:
         raise ValueError(f"pixel threshold {pixel_threshold} is not on the grid {PIXEL_GRID}")
-    return _with_frame_metrics({"chosen_by": chosen_by, **chosen[0], "grid": cal["grid"]}, cache, pred)
+    kept = {"frame_decision": cal["frame_decision"]} if "frame_decision" in cal else {}
+    return _with_frame_metrics({"chosen_by": chosen_by, **chosen[0], **kept, "grid": cal["grid"]}, cache, pred)
 
 
 def _with_frame_metrics(cal: dict, cache, pred: dict) -> dict:

@@ -8,9 +8,10 @@ project's metrics: frame-level F1/precision/recall/AUROC and the challenge score
 Simulated cases use seeds `fetaliqa.simulate.case_seed(seed, i)`; when the model's
 provenance lists its training seeds, overlapping evaluation seeds are refused.
 Frame level: a frame is positive when it holds any annotation; the model's decision is the
-pipeline's per-frame `good` (quality score above the calibrated cut, or for older models the
-area above the calibrated thresholds); AUROC ranks frames by
-the pipeline's quality score. Case level: `fetaliqa.metrics.score_case` on the chosen frame
+pipeline's per-frame `good` (the frame head's smoothed probability above its calibrated cut,
+or the quality score above its cut, or for older models the area above the calibrated
+thresholds); AUROC, AUPRC and the hindsight cut rank frames by the value that decision cuts
+(`FrameScorer.decision`). Case level: `fetaliqa.metrics.score_case` on the chosen frame
 and mask (WFSS, soft Dice, NAE of the AC), aggregated as the challenge does.
 --compare replays other selection rules (RULES) on the same model outputs: the measured basis
 of the defaults (temporal window, mask vs ellipse, shape factor, sweep prior, the fast search).
@@ -62,7 +63,7 @@ RULES: dict[str, dict] = {
     "no sweep prior": {"sweep_prior": None},
     "plain score among good frames (previous default)": {"shape_power": 0.0, "sweep_prior": None,
                                                          "choose_from": "good"},
-    "published thresholds (0.5 / 1 %)": dict(PUBLISHED_THRESHOLDS),
+    "published thresholds (0.5 / 1 %)": dict(PUBLISHED_THRESHOLDS, score_threshold=None, frame_threshold=None),
 }
 
 
@@ -113,7 +114,9 @@ def _evaluate_case(job) -> dict:
            "wfss": cs.wfss, "dice": cs.dice, "dice_soft": cs.dice_soft, "nae_ac": cs.nae_ac,
            "ac_pred_mm": cs.ac_pred_mm, "ac_ref_mm": cs.ac_ref_mm, "score": cs.score,
            "seconds": round(time.perf_counter() - t, 1)}
-    out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0), "lab": lab, "rules": {},
+    out = {"row": row, "score": cs, "good": a.good, "q": np.nan_to_num(a.scores, nan=-1.0),
+           "decision": np.nan_to_num(np.asarray(full.decision(a.scores)[0], np.float32), nan=-1.0), "lab": lab,
+           "rules": {},
            "frames": {"label": lab_k.astype(np.uint8), "area": full.area, "mean_fg": full.mean_fg,
                       "peak": full.peak, "shape": full.shape}}
     if "frame" in model.config.heads:
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     print(f"[evaluate] {args.model}: {cfg.backbone} f={cfg.decoder_width} pixel_threshold={cfg.pixel_threshold:.2f} "
           f"area_threshold={cfg.area_threshold:.4f}"
-          + (f" score_threshold={cfg.score_threshold:.4g}" if cfg.score_threshold is not None else ""), file=sys.stderr)
+          + (f" score_threshold={cfg.score_threshold:.4g}" if cfg.score_threshold is not None else "")
+          + (f" frame_threshold={cfg.frame_threshold:.4g}" if cfg.frame_threshold is not None else ""), file=sys.stderr)
     if args.data is not None:
         from .data import read_release
         jobs = [(i, rec) for i, rec in enumerate(read_release(args.data)[:args.cases])]
@@ -230,18 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         _init_worker(args)
         results = [_evaluate_case(j) for j in tqdm(jobs, desc="cases", file=sys.stderr)]
     rows, scores = [r["row"] for r in results], [r["score"] for r in results]
-    all_good, all_q, all_lab = ([r[k] for r in results] for k in ("good", "q", "lab"))
-    good, q, lab = map(np.concatenate, (all_good, all_q, all_lab))
+    good, q, dv, lab = (np.concatenate([r[k] for r in results]) for k in ("good", "q", "decision", "lab"))
     fm_decision = frame_metrics(good.astype(float), lab, 0.5)
-    fm_rank = frame_metrics(q, lab, np.inf)
+    fm_rank = frame_metrics(dv, lab, np.inf)
     agg = aggregate(scores)
     summary = {"model": str(args.model), "cases": args.cases, "seed": None if args.data else args.seed,
                "frames": int(len(lab)), "positive_frames": int(lab.sum()),
                "frame": {k: fm_decision[k] for k in ("f1", "precision", "recall", "specificity")}
                | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"],
-                  "f1_best_cut": calibrate_score_threshold(q, lab)["f1"]},  # calibration's cut, in hindsight
+                  "f1_best_cut": calibrate_score_threshold(dv, lab)["f1"]},  # calibration's cut, in hindsight
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
+    if cfg.frame_threshold is not None and cfg.score_threshold is not None:  # the quality-score decision
+        fm_score = frame_metrics((q >= cfg.score_threshold).astype(float), lab, 0.5)
+        summary["frame_score_rule"] = {k: fm_score[k] for k in ("f1", "precision", "recall", "specificity")}
     if cfg.score_threshold is not None:  # the area rule on the same frames, for comparison
         area = np.concatenate([r["frames"]["area"] for r in results])
         fm_area = frame_metrics((np.nan_to_num(area, nan=-1.0) >= cfg.area_threshold).astype(float), lab, 0.5)
@@ -263,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {f['f1']:.3f} | {f['precision']:.3f} | {f['recall']:.3f} | {f['auroc']:.3f} | {c['wfss']:.3f} | "
           f"{c['dice_soft']:.3f} | {c['nae_ac']:.3f} | {c['score']:.3f} |")
-    print(f"frame F1 of the best quality-score cut for these very frames (hindsight; no cut on this "
-          f"score does better): {f['f1_best_cut']:.3f}")
+    print(f"frame F1 of the best cut on the decision's value for these very frames (hindsight; no cut on "
+          f"it does better): {f['f1_best_cut']:.3f}")
+    if "frame_score_rule" in summary:
+        a = summary["frame_score_rule"]
+        print(f"frame decision by quality score (score >= {cfg.score_threshold:.4g}): F1 {a['f1']:.3f}, "
+              f"precision {a['precision']:.3f}, recall {a['recall']:.3f}")
     if "frame_area_rule" in summary:
         a = summary["frame_area_rule"]
         print(f"frame decision by area alone (area >= {cfg.area_threshold:.4f}): F1 {a['f1']:.3f}, "
@@ -302,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
 def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> None:
     """Per-frame model statistics of every case (for studying frame decisions offline):
     case (index into ``cases``), frame, sweep, label (0/1/2), area, mean_fg, peak, shape (at the
-    model's pixel threshold; nan where not scored), q (the pipeline's quality score), good; with a
+    model's pixel threshold; nan where not scored), q (the pipeline's quality score), decision (the
+    value the frame decision cuts, -1 where not scored), good; with a
     frame head also frame_prob; for simulated cases also level and near_miss
     (``fetaliqa.simulate.frame_geometry``)."""
     cols: dict[str, list] = {k: [] for k in ("case", "frame", "sweep", "label", "area", "mean_fg", "peak", "shape",
-                                             "q", "good")}
+                                             "q", "decision", "good")}
     for i, r in enumerate(results):
         f = r["frames"]
         n = len(f["label"])
@@ -317,6 +328,7 @@ def write_frames(path: Path, results: list[dict], pixel_threshold: float) -> Non
             if k in f:
                 cols.setdefault(k, []).append(np.asarray(f[k]))
         cols["q"].append(np.asarray(r["q"], np.float32))
+        cols["decision"].append(np.asarray(r["decision"], np.float32))
         cols["good"].append(np.asarray(r["good"], bool))
     np.savez_compressed(path, cases=np.array([r["row"]["case"] for r in results]),
                         pixel_threshold=np.float32(pixel_threshold), **{k: np.concatenate(v) for k, v in cols.items()})

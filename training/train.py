@@ -155,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep-prior", choices=["train", "none"], default="train",
                    help="train: weight each protocol sweep by how often it holds an annotation in the "
                         "training cases (6-sweep stacks; needs --data); none: every sweep alike")
-    s.add_argument("--good-by", choices=["score", "area"], default="score",
+    s.add_argument("--good-by", choices=["score", "frame", "area"], default="score",
                    help="the per-frame decision: quality score (the ranking score, sweep prior and shape "
-                        "included) above a cut calibrated for validation F1, or the area rule alone")
+                        "included) above a cut calibrated for validation F1; frame: the frame head's "
+                        "probability smoothed over the temporal window, above such a cut (needs --frame-steps; "
+                        "the quality score still ranks frames for the case's choice); or the area rule alone")
     s.add_argument("--pixel-threshold-by", choices=["frames", "case-score"], default="frames",
                    help="frames: chosen on the validation frames (best pooled mask Dice with --good-by score, "
                         "best frame F1 with --good-by area); case-score: the grid value with the best mean "
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--frame-steps", type=int, default=0,
                    help="after the SEG head, fit a small convolutional frame classifier (FrameHead) for this "
                         "many steps on the training cases, before calibration; its probability multiplies each "
-                        "frame's quality score (0: none, as published)")
+                        "frame's quality score (and decides good frames with --good-by frame; 0: none, as published)")
     f.add_argument("--frame-batch-size", type=int, default=32)
     f.add_argument("--frame-lr", type=float, default=2e-3)
     f.add_argument("--frame-warmup", type=int, default=50, help="warmup steps of the frame head (then cosine)")
@@ -205,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     heads = [h.strip() for h in args.heads.split(",")]
     if "frame" in heads:
         parser.error("--heads: the frame head is not trained with the others; add it with --frame-steps")
+    if args.good_by == "frame" and not args.frame_steps:
+        parser.error("--good-by frame cuts the frame head's probability: it needs --frame-steps > 0")
     if args.frame_steps and "seg" not in heads:
         parser.error("--frame-steps: the frame head weighs the SEG head's quality score; it needs --heads with seg")
     if not args.shape_power >= 0:  # checked here, not at export after the whole run
@@ -826,8 +830,12 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior}
     cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress,
-                          selection=selection if args.good_by == "score" else None)
+                          selection=selection if args.good_by in ("score", "frame") else None,
+                          by_frame_head=args.good_by == "frame")
     pred = cal.pop("_pred", None)
+    # the exported decision: with --good-by frame the frame head's cut (the published policy keeps its area rule)
+    decided = selection | ({"frame_threshold": cal["frame_decision"]["frame_threshold"]}
+                           if "frame_decision" in cal else {})
     checks = {}
     if args.case_check and records:
         by_uuid = {r.uuid: r for r in records}
@@ -835,10 +843,10 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
         policies = {"published": threshold_policy(model.config, PUBLISHED, selection)}
         by_case = args.pixel_threshold_by == "case-score" and pred is not None
         if by_case:  # every grid threshold with its own area and score cuts, on the same passes
-            policies |= {grid_name(g["pixel_threshold"]): threshold_policy(model.config, g, selection)
+            policies |= {grid_name(g["pixel_threshold"]): threshold_policy(model.config, g, decided)
                          for g in cal["grid"]}
         else:
-            policies["calibrated"] = threshold_policy(model.config, cal, selection)
+            policies["calibrated"] = threshold_policy(model.config, cal, decided)
         checks = case_check(model, cases, policies, device=device, progress=args.progress)
         if by_case:
             t = choose_by_case_score(cal, checks)
@@ -846,7 +854,7 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
             checks["calibrated"] = checks[grid_name(t)]
     by_score = cal.get("score_decision", {}).get("score_threshold")
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **selection)
+                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **decided)
     calib = {**cal, "case_check": checks}
     (args.out / "calibration.json").write_text(json.dumps(json_safe(calib), indent=1))
     provenance = {
@@ -875,7 +883,9 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     print(f"[train] exported {', '.join(map(str, outs))} and {args.out / 'model.tar.gz'} "
           f"(pixel_threshold={cal['pixel_threshold']:.2f}, area_threshold={cal['area_threshold']:.4f}, "
           f"val F1={cal['f1']:.3f}" + (f"; good by score >= {by_score:.3g}: val F1={cal['score_decision']['f1']:.3f}"
-                                       if by_score is not None else "") + ")", file=sys.stderr)
+                                       if by_score is not None else "")
+          + (f"; good by frame head >= {cal['frame_decision']['frame_threshold']:.3g}: val F1="
+             f"{cal['frame_decision']['f1']:.3f}" if "frame_decision" in cal else "") + ")", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ class ModelConfig:
     backbone: open_clip model name ("FetalCLIP", or "fetalclip-small" for CPU tests/default).
     heads: ("seg",), ("cls",) or ("seg", "cls"); "frame" may join a SEG model: a small
         convolutional frame classifier beside the encoder (``heads.FrameHead``, its own
-        weights), whose probability multiplies each frame's SEG quality score, for encoders
-        trained from random weights (training fits it after the SEG head).
+        weights), whose probability multiplies each frame's SEG quality score (and, with
+        frame_threshold, alone decides which frames are good), for encoders trained from
+        random weights (training fits it after the SEG head).
     taps: 1-based transformer blocks feeding the SEG decoder (deepest last); None -> the
         backbone's default (DEFAULT_TAPS).
     decoder_width: base width f of the SEG decoder (32 as published).
@@ -91,6 +92,11 @@ class ModelConfig:
     score_threshold: when set (> 0), a SEG frame is "good" when its quality score (the
         ranking score: area x mean probability, shape factor, temporal support, sweep
         prior) reaches it, instead of the area rule; training calibrates it on validation.
+    frame_threshold: when set (> 0; a model with a frame head), a frame is "good" when the
+        frame head's probability, smoothed over +-temporal_window frames
+        (``fetaliqa.select.frame_decision``), reaches it; it takes precedence over
+        score_threshold and the area rule (training calibrates it on validation, --good-by
+        frame). Only the decision moves: the frame choice still ranks by the quality score.
     cls_threshold: CLS probability at/above which a frame is "good".
     select_by: head that ranks frames when both exist ("seg" or "cls").
     temporal_window: frames on each side (same sweep) that support a frame's quality score.
@@ -132,6 +138,7 @@ class ModelConfig:
     shape_power: float = 0.0
     sweep_prior: tuple[float, ...] | None = None
     score_threshold: float | None = None
+    frame_threshold: float | None = None
     geometry: dict[str, Any] | None = None
     stem: str = "patch"
 
@@ -155,6 +162,13 @@ class ModelConfig:
             self.score_threshold = float(self.score_threshold)
             if not self.score_threshold > 0:  # every unscored or empty frame scores 0
                 raise ValueError(f"score_threshold must be > 0 or None, got {self.score_threshold!r}")
+        if self.frame_threshold is not None:
+            self.frame_threshold = float(self.frame_threshold)
+            if not self.frame_threshold > 0:
+                raise ValueError(f"frame_threshold must be > 0 or None, got {self.frame_threshold!r}")
+            if "frame" not in self.heads:
+                raise ValueError(f"frame_threshold cuts the frame head's probability: heads {self.heads!r} "
+                                 f"need 'frame'")
         if self.sweep_prior is not None:
             self.sweep_prior = tuple(float(w) for w in self.sweep_prior)
             if len(self.sweep_prior) != 6 or not all(w >= 0 for w in self.sweep_prior) or not max(self.sweep_prior) > 0:
