@@ -13,7 +13,9 @@ head and then dropped, predicts how much of each cell the (augmented) label mask
 deep supervision says where the annotated section lies, not only whether: the frame loss then
 leaves its base-rate plateau after a few hundred steps instead of about 1,500 (docs/training.md).
 The head's probability then multiplies each frame's quality score (``fetaliqa.select``), and
-calibration sets the score cut with it.
+calibration sets the score cut with it; with ``--good-by frame`` (the default preset's) its
+probability alone, smoothed over the temporal window, decides which frames are good, at a cut
+calibrated the same way (``ModelConfig.frame_threshold``).
 
 The trained head is kept in ``OUT/frame_head.pt`` with the settings it was trained under; a
 ``--resume`` that finds the same settings (and the same cache) loads it instead of training it

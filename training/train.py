@@ -64,11 +64,15 @@ PRESETS: dict[str, dict] = {
     # A convolutional frame head after the SEG head: the from-scratch ViT does not learn the frame
     # label, these convolutions do (docs/training.md, "A convolutional frame head"). 2,000 steps of
     # 64 with mask supervision learn more than 4,000 of 32 without, in about the same time.
+    # Its probability alone (smoothed over the temporal window) decides which frames are good:
+    # it ranks annotated frames better than any product with the SEG statistics; the case's
+    # frame is then the best quality score among those good frames (docs/training.md).
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=26,
                         batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
                         val_max_frames=1500, val_every=13, case_check=-1, num_workers=0, select_metric="loss",
                         pixel_threshold_by="case-score", frame_steps=2000,
-                        frame_batch_size=64, frame_mask_weight=1.0),
+                        frame_batch_size=64, frame_mask_weight=1.0, good_by="frame",
+                        choose_from="good"),
 }
 
 
