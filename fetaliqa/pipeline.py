@@ -177,7 +177,7 @@ class FrameScorer:
         cfg = self.cfg
         if self._by_cls():
             return self.cls_prob, cfg.cls_threshold
-        if cfg.frame_threshold is not None and "frame" in cfg.heads:
+        if cfg.frame_threshold is not None:  # ModelConfig refuses it without the frame head
             return frame_decision(self.frame_prob, cfg.temporal_window, sweep_length(len(self.area))), \
                 cfg.frame_threshold
         if cfg.score_threshold is not None:

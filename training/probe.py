@@ -109,13 +109,16 @@ class StemClassifier(nn.Module):
     tokens of width 128, global average pooling, a linear layer) on (B, 1, S, S) grey frames in
     0..255 -> (B,) logits, normalised as the run's model normalises them."""
 
-    def __init__(self, run_args: dict, convs_per_stage: int = 2) -> None:
+    def __init__(self, run_args: dict, convs_per_stage: int = 2, channels_last: bool = False,
+                 mask_supervised: bool = False) -> None:
+        """channels_last: feed the head NHWC-strided input (--channels-last); mask_supervised: a
+        ``MaskSupervised`` wrapper of the head for ``forward_with_cells`` (--mask-weight)."""
         super().__init__()
         cfg = run_model_config(run_args, heads="cls")
         self.net = FrameHead(convs_per_stage=convs_per_stage)
         self.mean, self.std = cfg.mean, cfg.std
-        self.channels_last = False  # set by main with --channels-last
-        self.supervised: MaskSupervised | None = None  # set by main with --mask-weight
+        self.channels_last = channels_last
+        self.supervised = MaskSupervised(self.net) if mask_supervised else None
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
         return self.net(self._input(grey))
@@ -129,14 +132,16 @@ class StemClassifier(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def build_probe(arch: str, run_args: dict, width: int, stem_convs: int = 2) -> tuple[nn.Module, str]:
-    """The classifier and the input it wants: "standard" ((x - 128) / 64) or "raw" (0..255)."""
+def build_probe(arch: str, run_args: dict, width: int, stem_convs: int = 2, channels_last: bool = False,
+                mask_supervised: bool = False) -> tuple[nn.Module, str]:
+    """The classifier and the input it wants: "standard" ((x - 128) / 64) or "raw" (0..255).
+    stem_convs, channels_last, mask_supervised: ``StemClassifier``'s (--arch stem only)."""
     if arch == "cnn":
         return small_cnn(width), "standard"
     if arch in ("vit", "vit-conv"):
         return ViTClassifier(run_args, conv_stem=arch == "vit-conv"), "raw"
     if arch == "stem":
-        return StemClassifier(run_args, stem_convs), "raw"
+        return StemClassifier(run_args, stem_convs, channels_last, mask_supervised), "raw"
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -203,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("--steps, --batch-size and --stem-convs must be >= 1")
     if not 0 <= args.hard_neg_frac <= 1 or not args.mask_weight >= 0:
         sys.exit("--hard-neg-frac must be in [0, 1] and --mask-weight >= 0")
+    if (args.channels_last or args.mask_weight or args.stem_convs != 2) and args.arch != "stem":
+        sys.exit("--channels-last, --mask-weight and --stem-convs are for --arch stem")
     if args.threads:
         torch.set_num_threads(args.threads)
     for need in ("args.json", "split.json"):
@@ -221,13 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("the probe needs annotated frames in both the training and the validation cases")
 
     torch.manual_seed(args.seed)
-    net, kind = build_probe(args.arch, run_args, args.width, args.stem_convs)
-    if (args.channels_last or args.mask_weight or args.stem_convs != 2) and args.arch != "stem":
-        sys.exit("--channels-last, --mask-weight and --stem-convs are for --arch stem")
-    if args.channels_last:
-        net.channels_last = True
-    if args.mask_weight:
-        net.supervised = MaskSupervised(net.net)
+    net, kind = build_probe(args.arch, run_args, args.width, args.stem_convs, args.channels_last,
+                            mask_supervised=args.mask_weight > 0)
     out = args.out or args.run / f"probe-{args.arch}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"probe {args.arch}: {sum(p.numel() for p in net.parameters()):,} parameters; "
