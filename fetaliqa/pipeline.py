@@ -22,6 +22,7 @@ through scaled_dot_product_attention), which shares the weights: no copy of the 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -57,8 +58,8 @@ class FastSearch:
         (0, or no good frame at all: refine every sweep's candidates); with the config's
         ``choose_from="all"`` every scored frame counts as good here.
     settle: the chosen frame's +-settle neighbours must be scored before the search stops
-        (None: 2 x temporal_window, at least 1: the chosen frame's score and its
-        neighbours' scores are then exact).
+        (None: 2 x the temporal window in frames (``ModelConfig.window_at``, rounded up), at
+        least 1: the chosen frame's score and its neighbours' scores are then exact).
     refine: "dense" scores every frame within +-radius of a candidate; "climb" a pattern
         search: the frames at +-radius, move to the best, then +-radius/2, ... down to +-1
         (2 frames per halving instead of 2 x radius).
@@ -164,7 +165,8 @@ class FrameScorer:
         cfg = self.cfg
         if self._by_cls():
             return self.cls_prob.copy(), self._cut(*self.decision()), None
-        scores = seg_scores(self.area, self.mean_fg, cfg.temporal_window, sweep_length(len(self.area)),
+        fps = sweep_length(len(self.area))
+        scores = seg_scores(self.area, self.mean_fg, cfg.window_at(fps), fps,
                             shape=self.shape, shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior,
                             frame_prob=self.frame_prob if "frame" in cfg.heads else None)
         return scores, self._cut(*self.decision(scores)), self.peak
@@ -178,8 +180,8 @@ class FrameScorer:
         if self._by_cls():
             return self.cls_prob, cfg.cls_threshold
         if cfg.frame_threshold is not None:  # ModelConfig refuses it without the frame head
-            return frame_decision(self.frame_prob, cfg.temporal_window, sweep_length(len(self.area))), \
-                cfg.frame_threshold
+            fps = sweep_length(len(self.area))
+            return frame_decision(self.frame_prob, cfg.window_at(fps), fps), cfg.frame_threshold
         if cfg.score_threshold is not None:
             return (self.scores_and_good()[0] if scores is None else scores), cfg.score_threshold
         return self.area, cfg.area_threshold
@@ -245,7 +247,7 @@ def fast_search(scorer: FrameScorer, signal: np.ndarray, params: FastSearch = Fa
     n, cfg = len(signal), scorer.cfg
     fps = sweep_length(n)
     radius = params.stride // 2 if params.radius is None else params.radius
-    settle = max(1, 2 * cfg.temporal_window) if params.settle is None else params.settle
+    settle = max(1, 2 * math.ceil(cfg.window_at(fps))) if params.settle is None else params.settle
 
     def score(frames: np.ndarray) -> None:
         frames = np.asarray(frames, int)

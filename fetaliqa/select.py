@@ -6,7 +6,9 @@ Quality score of a scored frame i (SEG):
               (foreground = 224x224 pixels with probability > pixel_threshold)
     score_i = (raw_i + support_i) / 2 x sweep_prior[sweep of i],  support_i = mean raw over
               the scored frames within +-temporal_window of i in the same sweep (i included)
-so an isolated confident blob ranks below a frame inside a run of abdomen views.
+so an isolated confident blob ranks below a frame inside a run of abdomen views. The window
+is ``ModelConfig.window_at``: temporal_window frames, or, for a model that counts them at a
+frame density (``window_frames_per_sweep``), the same stretch of sweep at the stack's own.
 shape_i (``frame_stats``) is 1 for a filled disk and falls for elongated, ragged or
 scattered foreground: the abdominal plane is measured on a near-round section, while a
 sagittal sweep shows the trunk lengthwise. frame_i, only when the model has a frame head
@@ -80,32 +82,38 @@ def sweep_length(n_frames: int) -> int:
     return n_frames // 6 if n_frames % 6 == 0 and n_frames >= 6 else n_frames
 
 
-def temporal_support(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
-    """Mean of ``raw`` over the finite values within +-window in the same sweep (nan where
-    raw is nan)."""
+def temporal_support(raw: np.ndarray, window: float, frames_per_sweep: int) -> np.ndarray:
+    """Mean of ``raw`` over the finite values within +-window frames in the same sweep (nan
+    where raw is nan). A fractional window weighs the frames within +-floor(window) 1 and the
+    two next ones its fractional part: at 35 frames per sweep, a window of 0.5 covers the
+    stretch of sweep that 2 frames cover at 140 (``ModelConfig.window_at``)."""
     raw = np.asarray(raw, dtype=np.float64)
+    whole = int(np.floor(window))
+    part = float(window) - whole
     out = np.full(raw.shape, np.nan)
     for i in np.flatnonzero(np.isfinite(raw)):
         s0 = (i // frames_per_sweep) * frames_per_sweep
-        lo, hi = max(s0, i - window), min(s0 + frames_per_sweep, i + window + 1)
-        out[i] = np.nanmean(raw[lo:hi])
+        lo, hi = max(s0, i - whole - 1), min(s0 + frames_per_sweep, i + whole + 2)
+        vals = raw[lo:hi]
+        w = np.where(np.abs(np.arange(lo, hi) - i) <= whole, 1.0, part) * np.isfinite(vals)
+        out[i] = np.sum(w * np.nan_to_num(vals)) / np.sum(w)
     return out
 
 
-def smoothed(raw: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
+def smoothed(raw: np.ndarray, window: float, frames_per_sweep: int) -> np.ndarray:
     """(raw + ``temporal_support``) / 2 (float64; raw itself for window <= 0): a frame's value
     backed by its neighbours', so an isolated response counts half."""
     raw = np.asarray(raw, np.float64)
     return raw if window <= 0 else (raw + temporal_support(raw, window, frames_per_sweep)) / 2
 
 
-def frame_decision(frame_prob: np.ndarray, window: int, frames_per_sweep: int) -> np.ndarray:
+def frame_decision(frame_prob: np.ndarray, window: float, frames_per_sweep: int) -> np.ndarray:
     """The value a frame threshold cuts: the frame head's probability, ``smoothed`` over
     +-window frames of the same sweep; float32, nan where not scored."""
     return smoothed(frame_prob, window, frames_per_sweep).astype(np.float32)
 
 
-def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: int, frames_per_sweep: int, *,
+def seg_scores(area: np.ndarray, mean_fg: np.ndarray, window: float, frames_per_sweep: int, *,
                shape: np.ndarray | None = None, shape_power: float = 0.0,
                sweep_prior: Sequence[float] | None = None, frame_prob: np.ndarray | None = None) -> np.ndarray:
     """Quality score per frame (module docstring), float32, nan where not scored.

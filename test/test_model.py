@@ -72,6 +72,13 @@ def test_config_round_trip():
     for bad in (0, -0.1):
         with pytest.raises(ValueError, match="score_threshold"):
             ModelConfig.from_dict({**d, "score_threshold": bad})
+    # the temporal window in frames at the challenge's 140 per sweep: the same stretch of sweep at 35
+    assert cfg.window_frames_per_sweep is None and cfg.window_at(35) == cfg.window_at(140) == 2
+    at_140 = ModelConfig.from_dict({**d, "window_frames_per_sweep": 140})
+    assert at_140.window_at(140) == 2 and at_140.window_at(35) == 0.5 and at_140.window_at(280) == 4
+    for bad in (0, -140, 1.5):
+        with pytest.raises(ValueError, match="window_frames_per_sweep"):
+            ModelConfig.from_dict({**d, "window_frames_per_sweep": bad})
     with_head = {**d, "heads": ["seg", "frame"]}
     assert cfg.frame_threshold is None and ModelConfig.from_dict({**with_head, "frame_threshold": 0.5}).frame_threshold \
         == 0.5

@@ -138,6 +138,34 @@ def test_frame_head_probability_enters_the_quality_score():
     assert a.frame == int(np.nanargmax(scores))
 
 
+def test_window_counts_frames_at_the_models_density():
+    """With window_frames_per_sweep set, a stack sampled 4 x more sparsely is smoothed over a
+    quarter of temporal_window (the same stretch of sweep), in the quality score and in the
+    frame head's decision; at that density itself nothing moves."""
+    import dataclasses
+
+    from fetaliqa.pipeline import FrameScorer, ReplayScorer
+    from fetaliqa.select import frame_decision, seg_scores, sweep_length
+    st = _stack(n=60)[0]
+    fps = sweep_length(len(st))  # 10
+    plain = FrameScorer(st, BrightWithFrameHead(temporal_window=2, frame_threshold=0.5), batch_size=8,
+                        progress=False)
+    plain.score(range(len(st)))
+
+    def replay(ref):
+        r = ReplayScorer(plain, config=dataclasses.replace(plain.cfg, window_frames_per_sweep=ref))
+        r.score(range(len(st)))
+        return r
+
+    same, sparse = replay(fps), replay(4 * fps)
+    np.testing.assert_array_equal(same.scores_and_good()[0], plain.scores_and_good()[0])
+    np.testing.assert_array_equal(same.decision()[0], plain.decision()[0])
+    np.testing.assert_allclose(sparse.scores_and_good()[0],
+                               seg_scores(plain.area, plain.mean_fg, 0.5, fps, frame_prob=plain.frame_prob), rtol=1e-6)
+    np.testing.assert_allclose(sparse.decision()[0], frame_decision(plain.frame_prob, 0.5, fps), rtol=1e-6)
+    assert not np.allclose(sparse.decision()[0], plain.decision()[0], equal_nan=True)
+
+
 def test_frame_threshold_decides_good_frames_by_the_head_alone():
     """With frame_threshold set a frame is good when the head's smoothed probability reaches
     it, whatever its quality score or area; the scores do not move, nor the choice with

@@ -87,6 +87,23 @@ def test_frame_decision_is_the_head_probability_backed_by_its_sweep_neighbours()
     np.testing.assert_allclose(frame_decision(p, 0, 5), p.astype(np.float32))  # window 0: the probability itself
 
 
+def test_fractional_window_weighs_its_end_frames_in_part():
+    # one sweep of 5 frames; a window of 0.5: the frame itself weighs 1, its two neighbours 0.5
+    p = np.array([0.0, 1.0, 0.0, 0.0, 1.0])
+    s = temporal_support(p, 0.5, 5)
+    # frame 0: (0 + 0.5 x 1) / 1.5; frame 2: (0.5 x 1 + 0 + 0.5 x 0) / 2; frame 4 (sweep end): (0.5 x 0 + 1) / 1.5
+    np.testing.assert_allclose(s[[0, 2, 4]], [1 / 3, 0.25, 2 / 3])
+    np.testing.assert_allclose(frame_decision(p, 0.5, 5)[[0, 2]], [1 / 6, 0.125], rtol=1e-6)
+    # 1.5: +-1 weigh 1, +-2 weigh 0.5 (frame 2: (0.5 x 0 + 1 + 0 + 0 + 0.5 x 1) / 4)
+    assert temporal_support(p, 1.5, 5)[2] == pytest.approx(1.5 / 4)
+    # whole windows are the plain mean over +-window; 0 leaves the values alone
+    np.testing.assert_allclose(temporal_support(p, 1.0, 5), [0.5, 1 / 3, 1 / 3, 1 / 3, 0.5])
+    np.testing.assert_allclose(frame_decision(p, 0.0, 5), p)
+    # a nan neighbour (not scored) weighs nothing
+    q = np.array([0.0, np.nan, 1.0, 0.0, 0.0])
+    assert temporal_support(q, 0.5, 5)[2] == pytest.approx(1 / 1.5)
+
+
 def test_sweep_length():
     assert sweep_length(840) == 140 and sweep_length(12) == 2 and sweep_length(7) == 7
 

@@ -5,6 +5,7 @@ small model geometry (fetalclip-small, decoder width 4); CPU only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -449,7 +450,13 @@ def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny
     cal = json.loads((out / "calibration.json").read_text())
     pred = T.predict_rows(by_head, cache, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any",
                           frame_stats=True)
-    values = case_frame_decision(by_head.config.temporal_window, pred["frame_prob"], idx["case"], idx["frame"], fps)
+    # the window counts frames at the challenge's 140 per sweep: these 4-frame sweeps are smoothed over
+    # 2 x 4 / 140 frames (their neighbours weigh 0.057), not +-2 frames
+    assert by_head.config.window_frames_per_sweep == 140 and by_head.config.window_at(4) == pytest.approx(2 / 35)
+    values = case_frame_decision(by_head.config, pred["frame_prob"], idx["case"], idx["frame"], fps)
+    unscaled = case_frame_decision(dataclasses.replace(by_head.config, window_frames_per_sweep=None),
+                                   pred["frame_prob"], idx["case"], idx["frame"], fps)
+    assert not np.allclose(values, unscaled, equal_nan=True)
     want = calibrate_score_threshold(values, pred["labels"], key="frame_threshold")
     assert cal["frame_decision"] == pytest.approx(want) and by_head.config.frame_threshold == pytest.approx(
         want["frame_threshold"])

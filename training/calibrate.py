@@ -88,20 +88,20 @@ def case_scores(cfg, stats: dict[str, np.ndarray], case: np.ndarray, frame: np.n
     return _at_stack_positions(
         {k: per_frame[k] for k in ("area", "mean_fg", "shape", "frame_prob") if k in per_frame}, case, frame,
         frames_per_sweep,
-        lambda full, fps: seg_scores(full["area"], full["mean_fg"], cfg.temporal_window, fps, shape=full["shape"],
+        lambda full, fps: seg_scores(full["area"], full["mean_fg"], cfg.window_at(fps), fps, shape=full["shape"],
                                      shape_power=cfg.shape_power, sweep_prior=cfg.sweep_prior,
                                      frame_prob=full.get("frame_prob")))
 
 
-def case_frame_decision(window: int, frame_prob: np.ndarray, case: np.ndarray, frame: np.ndarray,
+def case_frame_decision(cfg, frame_prob: np.ndarray, case: np.ndarray, frame: np.ndarray,
                         frames_per_sweep: dict[int, int]) -> np.ndarray:
     """The value a frame threshold cuts (``fetaliqa.select.frame_decision``: the frame head's
-    probability smoothed over +-window frames) of cached frames, put back at their stack
-    positions per case as ``case_scores`` does."""
+    probability smoothed over cfg's temporal window, ``ModelConfig.window_at``) of cached
+    frames, put back at their stack positions per case as ``case_scores`` does."""
     from fetaliqa.select import frame_decision
 
     return _at_stack_positions({"frame_prob": frame_prob}, case, frame, frames_per_sweep,
-                               lambda full, fps: frame_decision(full["frame_prob"], window, fps))
+                               lambda full, fps: frame_decision(full["frame_prob"], cfg.window_at(fps), fps))
 
 
 def _at_stack_positions(per_frame: dict[str, np.ndarray], case: np.ndarray, frame: np.ndarray,
@@ -191,8 +191,8 @@ def summarise_calibration(config, cache, pred: dict, selection: dict | None = No
         if by_frame_head:
             if pred.get("frame_prob") is None:
                 raise ValueError("a frame decision by the frame head needs a model with one")
-            window = selection.get("temporal_window", config.temporal_window)
-            values = case_frame_decision(window, pred["frame_prob"], idx["case"], idx["frame"], fps)
+            values = case_frame_decision(dataclasses.replace(config, **selection), pred["frame_prob"], idx["case"],
+                                         idx["frame"], fps)
             cal["frame_decision"] = calibrate_score_threshold(values, pred["labels"], key="frame_threshold")
     return _with_frame_metrics({"chosen_by": chosen_by, **cal}, cache, pred)
 

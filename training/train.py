@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep-prior", choices=["train", "none"], default="train",
                    help="train: weight each protocol sweep by how often it holds an annotation in the "
                         "training cases (6-sweep stacks; needs --data); none: every sweep alike")
+    s.add_argument("--window-frames-per-sweep", type=int, default=140,
+                   help="the temporal window counts frames at this many frames per sweep (the challenge's 140): "
+                        "validation sweeps sampled more sparsely (the simulated default's 35) are smoothed over "
+                        "the same stretch of sweep in calibration, so the calibrated cuts hold on challenge "
+                        "stacks (0: the window in frames at any density)")
     s.add_argument("--good-by", choices=["score", "frame", "area"], default="score",
                    help="the per-frame decision: quality score (the ranking score, sweep prior and shape "
                         "included) above a cut calibrated for validation F1; frame: the frame head's "
@@ -217,6 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--frame-steps: the frame head weighs the SEG head's quality score; it needs --heads with seg")
     if not args.shape_power >= 0:  # checked here, not at export after the whole run
         parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
+    if args.window_frames_per_sweep < 0:
+        parser.error(f"--window-frames-per-sweep must be >= 0, got {args.window_frames_per_sweep}")
     if args.pixel_threshold_by == "case-score" and not args.no_export and (args.case_check == 0 or args.data is None):
         parser.error("--pixel-threshold-by case-score scores whole validation cases: it needs --data and a "
                      "non-zero --case-check")
@@ -831,7 +838,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     prior = sweep_prior(records, split.train) if args.sweep_prior == "train" else None
     if args.sweep_prior == "train" and prior is None:
         print("[train] no sweep prior: needs --data with 6-sweep cases", file=sys.stderr)
-    selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior}
+    selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior,
+                 "window_frames_per_sweep": args.window_frames_per_sweep or None}
     cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress,
                           selection=selection if args.good_by in ("score", "frame") else None,

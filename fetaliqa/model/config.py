@@ -99,7 +99,14 @@ class ModelConfig:
         frame). Only the decision moves: the frame choice still ranks by the quality score.
     cls_threshold: CLS probability at/above which a frame is "good".
     select_by: head that ranks frames when both exist ("seg" or "cls").
-    temporal_window: frames on each side (same sweep) that support a frame's quality score.
+    temporal_window: frames on each side (same sweep) that support a frame's quality score
+        and the frame head's decision.
+    window_frames_per_sweep: when set, temporal_window counts frames at this many frames per
+        sweep (the challenge's 140), and a stack sampled at another density is smoothed over the
+        same stretch of its sweeps (``window_at``; fractional windows weigh their end frames
+        in part): cuts calibrated on sparser validation sweeps (the simulated default's 35
+        frames) then hold on the stacks the container serves. None: temporal_window frames
+        at any density.
     ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
     choose_from: "good": the case's frame is the best-scoring good frame (the best-scoring
         frame only when none is good); "all": the best-scoring frame, good or not (the
@@ -133,6 +140,7 @@ class ModelConfig:
     cls_threshold: float = 0.5
     select_by: str = "seg"
     temporal_window: int = 2
+    window_frames_per_sweep: int | None = None
     ellipse_mask: bool = False
     choose_from: str = "good"
     shape_power: float = 0.0
@@ -169,6 +177,11 @@ class ModelConfig:
             if "frame" not in self.heads:
                 raise ValueError(f"frame_threshold cuts the frame head's probability: heads {self.heads!r} "
                                  f"need 'frame'")
+        if self.window_frames_per_sweep is not None:
+            if int(self.window_frames_per_sweep) != self.window_frames_per_sweep or self.window_frames_per_sweep < 1:
+                raise ValueError(f"window_frames_per_sweep must be a positive integer or None, "
+                                 f"got {self.window_frames_per_sweep!r}")
+            self.window_frames_per_sweep = int(self.window_frames_per_sweep)
         if self.sweep_prior is not None:
             self.sweep_prior = tuple(float(w) for w in self.sweep_prior)
             if len(self.sweep_prior) != 6 or not all(w >= 0 for w in self.sweep_prior) or not max(self.sweep_prior) > 0:
@@ -191,6 +204,12 @@ class ModelConfig:
         if self.stem == "conv" and (patch < 4 or patch & (patch - 1)):
             raise ValueError(f"stem 'conv' halves the resolution per convolution: the patch size must be a "
                              f"power of 2 >= 4, got {patch}")
+
+    def window_at(self, frames_per_sweep: int) -> float:
+        """The temporal window, in frames, for sweeps of ``frames_per_sweep`` frames."""
+        if self.window_frames_per_sweep is None:
+            return float(self.temporal_window)
+        return self.temporal_window * frames_per_sweep / self.window_frames_per_sweep
 
     def open_clip_config(self) -> dict[str, Any]:
         """The open_clip model config (``geometry`` if set, else the registered one)."""
