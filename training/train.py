@@ -160,10 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: weight each protocol sweep by how often it holds an annotation in the "
                         "training cases (6-sweep stacks; needs --data); none: every sweep alike")
     s.add_argument("--window-frames-per-sweep", type=int, default=140,
-                   help="the temporal window counts frames at this many frames per sweep (the challenge's 140): "
-                        "validation sweeps sampled more sparsely (the simulated default's 35) are smoothed over "
-                        "the same stretch of sweep in calibration, so the calibrated cuts hold on challenge "
-                        "stacks (0: the window in frames at any density)")
+                   help="the temporal window counts frames at this many frames per sweep (the challenge's 140; "
+                        "stored in the model): sweeps sampled more sparsely, like the simulated default's 35-frame "
+                        "validation sweeps, are smoothed over the same stretch of sweep, in calibration and in the "
+                        "container, so the calibrated cuts hold on challenge stacks (0: the window in frames at any "
+                        "density)")
     s.add_argument("--good-by", choices=["score", "frame", "area"], default="score",
                    help="the per-frame decision: quality score (the ranking score, sweep prior and shape "
                         "included) above a cut calibrated for validation F1; frame: the frame head's "
