@@ -235,23 +235,29 @@ def main(argv: list[str] | None = None) -> int:
         results = [_evaluate_case(j) for j in tqdm(jobs, desc="cases", file=sys.stderr)]
     rows, scores = [r["row"] for r in results], [r["score"] for r in results]
     good, q, dv, lab = (np.concatenate([r[k] for r in results]) for k in ("good", "q", "decision", "lab"))
-    fm_decision = frame_metrics(good.astype(float), lab, 0.5)
+
+    def decided(values: np.ndarray, cut: float) -> dict:  # frame metrics of "good = value >= cut" (nan: never)
+        fm = frame_metrics((np.nan_to_num(values, nan=-1.0) >= cut).astype(float), lab, 0.5)
+        return {k: fm[k] for k in ("f1", "precision", "recall", "specificity")}
+
     fm_rank = frame_metrics(dv, lab, np.inf)
     agg = aggregate(scores)
     summary = {"model": str(args.model), "cases": args.cases, "seed": None if args.data else args.seed,
                "frames": int(len(lab)), "positive_frames": int(lab.sum()),
-               "frame": {k: fm_decision[k] for k in ("f1", "precision", "recall", "specificity")}
+               "frame": decided(good.astype(float), 0.5)
                | {"auroc": fm_rank["auroc"], "auprc": fm_rank["auprc"],
                   "f1_best_cut": calibrate_score_threshold(dv, lab)["f1"]},  # calibration's cut, in hindsight
                "challenge": {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")},
                "seconds": round(time.time() - t0, 1)}
-    if cfg.frame_threshold is not None and cfg.score_threshold is not None:  # the quality-score decision
-        fm_score = frame_metrics((q >= cfg.score_threshold).astype(float), lab, 0.5)
-        summary["frame_score_rule"] = {k: fm_score[k] for k in ("f1", "precision", "recall", "specificity")}
-    if cfg.score_threshold is not None:  # the area rule on the same frames, for comparison
-        area = np.concatenate([r["frames"]["area"] for r in results])
-        fm_area = frame_metrics((np.nan_to_num(area, nan=-1.0) >= cfg.area_threshold).astype(float), lab, 0.5)
-        summary["frame_area_rule"] = {k: fm_area[k] for k in ("f1", "precision", "recall", "specificity")}
+    other_rules = {}  # the decisions the model does not use, on the same frames, for comparison
+    if cfg.frame_threshold is not None and cfg.score_threshold is not None:
+        other_rules["frame_score_rule"] = (f"quality score (score >= {cfg.score_threshold:.4g})",
+                                           decided(q, cfg.score_threshold))
+    if cfg.score_threshold is not None:
+        other_rules["frame_area_rule"] = (f"area alone (area >= {cfg.area_threshold:.4f})",
+                                          decided(np.concatenate([r["frames"]["area"] for r in results]),
+                                                  cfg.area_threshold))
+    summary |= {k: m for k, (_, m) in other_rules.items()}
     fps_where = false_positives(results)
     if fps_where is not None:
         summary["false_positives"] = fps_where
@@ -271,14 +277,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{c['dice_soft']:.3f} | {c['nae_ac']:.3f} | {c['score']:.3f} |")
     print(f"frame F1 of the best cut on the decision's value for these very frames (hindsight; no cut on "
           f"it does better): {f['f1_best_cut']:.3f}")
-    if "frame_score_rule" in summary:
-        a = summary["frame_score_rule"]
-        print(f"frame decision by quality score (score >= {cfg.score_threshold:.4g}): F1 {a['f1']:.3f}, "
-              f"precision {a['precision']:.3f}, recall {a['recall']:.3f}")
-    if "frame_area_rule" in summary:
-        a = summary["frame_area_rule"]
-        print(f"frame decision by area alone (area >= {cfg.area_threshold:.4f}): F1 {a['f1']:.3f}, "
-              f"precision {a['precision']:.3f}, recall {a['recall']:.3f}")
+    for what, a in other_rules.values():
+        print(f"frame decision by {what}: F1 {a['f1']:.3f}, precision {a['precision']:.3f}, recall {a['recall']:.3f}")
     if fps_where is not None and fps_where["frames"]:
         w = fps_where
         quart = " / ".join("off-axis" if x is None else f"{x:.2f}" for x in w["level_quartiles"])
