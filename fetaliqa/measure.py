@@ -134,13 +134,44 @@ def official_circumference_mm(mask: np.ndarray, fov: np.ndarray | None = None,
     ``pixel_spacing`` (mm), or None when nothing (or fewer than 6 boundary points) is left.
     """
     mask = _check_2d(mask, fov)
-    if fov is None:
-        fov = _official_fov() if mask.shape == OFFICIAL_SHAPE else np.ones(mask.shape, bool)
-    contour = _untruncated_contour(mask, fov)
+    contour = _untruncated_contour(mask, measurement_fov(mask.shape) if fov is None else fov)
     if contour is None:
         return None
     perimeter = _fit_perimeter_px(contour)
     return None if perimeter is None else perimeter * pixel_spacing
+
+
+def uncut_circumference_mm(mask: np.ndarray, fov: np.ndarray | None = None,
+                           pixel_spacing: float = PIXEL_SPACING_MM) -> float | None:
+    """What the official measurement sets out to measure: the ellipse fitted to every point of
+    the outer boundary of the mask's largest region (clipped to the FOV; ``fov`` as in
+    ``official_circumference_mm``) that lies outside the zone where the fan cut, in mm; None
+    when fewer than 6 such points are left.
+
+    The official code instead fits the one piece of that boundary which OpenCV's contourArea
+    ranks first. Where the fan edge cuts the boundary cleanly there is one piece and the two
+    agree. Where a mask runs along the fan edge a few pixels inside it, the cut leaves stray
+    pieces of a few pixels; open pieces all have about zero area, the first one found wins, and
+    the official AC is then far off or missing (NAE 1). ``fetaliqa.postprocess.measurable``
+    compares the two on the container's output.
+    """
+    mask = _check_2d(mask, fov)
+    m = np.pad(_binary255(mask), _PAD)
+    f = np.pad(_binary255(measurement_fov(mask.shape) if fov is None else fov), _PAD)
+    m &= f
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    points = max(contours, key=cv2.contourArea)[:, 0, :]
+    points = points[_fov_edge_cached(f.tobytes(), f.shape)[points[:, 1], points[:, 0]] == 0]
+    perimeter = _fit_perimeter_px(points)
+    return None if perimeter is None else perimeter * pixel_spacing
+
+
+def measurement_fov(shape: tuple[int, int]) -> np.ndarray:
+    """The FOV the evaluator measures frames of this shape in: the official one for
+    ``(562, 744)`` frames, else the whole frame (bool)."""
+    return _official_fov() if tuple(shape) == OFFICIAL_SHAPE else np.ones(shape, bool)
 
 
 def is_outline(mask: np.ndarray) -> bool:

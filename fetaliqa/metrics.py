@@ -32,7 +32,7 @@ import numpy as np
 from evalutils.stats import hausdorff_distance
 from scipy.ndimage import distance_transform_edt
 
-from fetaliqa.measure import OFFICIAL_SHAPE, PIXEL_SPACING_MM, load_official_fov, official_circumference_mm
+from fetaliqa.measure import PIXEL_SPACING_MM, measurement_fov, official_circumference_mm
 
 SOFT_WINDOW = 15  # frames searched on each side for the soft Dice
 SUBOPTIMAL_WEIGHT = 0.6
@@ -138,7 +138,7 @@ def wfss(summary: GtSummary, gt_frame: np.ndarray | None, frame: int) -> float:
 
 def _resolve_fov(fov: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if fov is None:
-        return load_official_fov() if shape == OFFICIAL_SHAPE else np.ones(shape, bool)
+        return measurement_fov(shape)
     fov = np.asarray(fov) != 0
     if fov.shape != shape:
         raise ValueError(f"FOV shape {fov.shape} does not match frame shape {shape}")

@@ -1,10 +1,14 @@
-"""Chosen-frame mask on the native grid: threshold, largest component, fill holes, fan only.
+"""Chosen-frame mask on the native grid: threshold, largest component, fill holes, fan only;
+optionally its fitted ellipse; then ``measurable``: the official AC measurement must read the
+mask as it is meant.
 
 Arrays are (rows, cols); masks uint8 {0, 1}. ``final_mask`` never returns an empty mask for
 a frame that has any fan pixel, so the official evaluator never sees an empty prediction.
 """
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -67,3 +71,45 @@ def final_mask(prob: np.ndarray, threshold: float, fov: np.ndarray | None = None
                 m = np.zeros(prob.shape, np.uint8)
                 m[np.unravel_index(int(np.argmax(inside)), prob.shape)] = 1
     return ellipse_mask(m, fov) if ellipse and m.any() else m
+
+
+def measurable(mask: np.ndarray, tolerance: float = 0.05, margins: tuple[int, ...] = (2, 4, 6, 8)) -> np.ndarray:
+    """``mask``, or where the official AC measurement would misread it, the same mask kept a few
+    pixels inside the evaluator's FOV (``fetaliqa.measure.measurement_fov``).
+
+    The official measurement (``measure.official_circumference_mm``) fits one piece of the
+    mask's boundary; a mask that runs along the fan edge a few pixels inside it leaves stray
+    pieces and may be measured on a few pixels, or not at all (NAE 1), however good the mask
+    (``measure.uncut_circumference_mm``). When the official AC is missing or differs from the
+    uncut one by more than ``tolerance`` (relative), the mask is cut to the FOV eroded by each
+    of ``margins`` pixels in turn (largest component, holes filled): the first that the
+    official measurement reads within tolerance, else the one it reads closest (the mask itself
+    on ties). A mask cut cleanly by the fan edge is read right and stays as it is.
+    """
+    from .measure import measurement_fov, official_circumference_mm, uncut_circumference_mm
+
+    mask = (np.asarray(mask) != 0).astype(np.uint8)
+    want = uncut_circumference_mm(mask) if mask.any() else None
+    if want is None:
+        return mask
+
+    def error(m: np.ndarray) -> float:
+        got = official_circumference_mm(m)
+        return math.inf if got is None else abs(got - want) / want
+
+    best, best_err = mask, error(mask)
+    if best_err <= tolerance:
+        return mask
+    fov = measurement_fov(mask.shape).astype(np.uint8)
+    for k in margins:  # outside the frame is outside the FOV, as the measurement pads with zeros
+        inner = cv2.erode(fov, np.ones((3, 3), np.uint8), iterations=k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        m = mask & inner
+        if not m.any():
+            break
+        m = ndimage.binary_fill_holes(largest_component(m)).astype(np.uint8)
+        err = error(m)
+        if err <= tolerance:
+            return m
+        if err < best_err:
+            best, best_err = m, err
+    return best

@@ -10,8 +10,9 @@ import pytest
 
 from fetaliqa.measure import (
     OFFICIAL_SHAPE, PIXEL_SPACING_MM, ellipse_circumference, fov_from_stack, is_outline,
-    load_official_fov, main, official_circumference_mm, ramanujan_perimeter,
+    load_official_fov, main, official_circumference_mm, ramanujan_perimeter, uncut_circumference_mm,
 )
+from fetaliqa.postprocess import measurable
 
 FIX = Path(__file__).parent / "fixtures" / "measure"
 
@@ -140,3 +141,28 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "missing.png")]) == 2
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 20), np.uint8)), str(tmp_path / "e.mha"))
     assert main([str(tmp_path / "e.mha")]) == 1
+
+
+def test_mask_grazing_the_fan_edge_and_measurable():
+    """The official code fits one piece of the boundary left after the fan edge's zone is
+    dropped: a disk grazing the fan edge leaves stray pieces, and the official AC goes missing;
+    the uncut AC (every boundary point outside that zone) is the disk's. ``measurable`` keeps
+    such a mask 2 px further inside the fan, where the official AC is right; masks cut cleanly,
+    or clear of the edge, stay as they are."""
+    fov = load_official_fov()
+    true = 2 * math.pi * 80 * PIXEL_SPACING_MM
+    grazing = disk(centre=(300, 190), r=80) & fov
+    assert official_circumference_mm(grazing) is None
+    assert uncut_circumference_mm(grazing) == pytest.approx(true, rel=0.01)
+    fixed = measurable(grazing)
+    assert fixed.dtype == np.uint8 and 0 < (grazing != fixed).sum() < 100 and not (fixed & ~grazing).any()
+    assert official_circumference_mm(fixed) == pytest.approx(true, rel=0.01)
+    for centre in ((300, 100), (281, 372)):  # cut deep by the fan edge; inside
+        m = disk(centre=centre, r=80) & fov
+        assert uncut_circumference_mm(m) == pytest.approx(official_circumference_mm(m), rel=0.001)
+        assert np.array_equal(measurable(m), m)
+    real = cv2.imread(str(FIX / "real_frame_a_mask.png"), cv2.IMREAD_GRAYSCALE)
+    assert uncut_circumference_mm(real) == pytest.approx(269.16, abs=0.05)
+    assert np.array_equal(measurable(real), real > 0)
+    assert uncut_circumference_mm(np.zeros(OFFICIAL_SHAPE, np.uint8)) is None
+    assert not measurable(np.zeros(OFFICIAL_SHAPE, np.uint8)).any()
