@@ -3,7 +3,9 @@
 ``analyse_stack`` streams batches of frames through preprocessing and the model on the
 model's device (one batch in memory at a time), turns each frame's probability map into a
 few statistics (``select.frame_stats``), picks one frame (``select``), and builds the
-chosen frame's native-resolution mask (``postprocess.final_mask``). ``FrameScorer`` scores
+chosen frame's native-resolution mask (``native_mask``: its probability map, averaged with its
+neighbours' over the config's mask window, through ``postprocess.final_mask`` and
+``postprocess.measurable``). ``FrameScorer`` scores
 any list of frame indices and remembers the results, so a coarse-to-fine search can score
 a subset, then refine around the best.
 
@@ -33,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from .model.fuse import inference_view
-from .postprocess import final_mask
+from .postprocess import final_mask, measurable
 from .preprocess import frames_to_model_input, iter_frame_batches, square_to_native
 from .select import (best_of, choose_frame, coarse_frames, frame_decision, frame_stats, neighbourhood, seg_scores,
-                     sweep_candidates, sweep_length)
+                     sweep_candidates, sweep_length, window_weights)
 
 SEARCHES = ("exhaustive", "fast")
 SEG_STATS = ("area", "mean_fg", "peak", "shape")  # per-frame SEG statistics (select.frame_stats)
@@ -336,17 +338,23 @@ def frames_with_signal(stack: np.ndarray) -> np.ndarray:
 
 def native_mask(scorer: FrameScorer, frame: int, fov: np.ndarray | None = None) -> np.ndarray:
     """uint8 (rows, cols) {0, 1} mask of ``frame`` on the native grid (all zero for -1), from
-    the scorer's probability map and config; fov as in ``analyse_stack``."""
+    the scorer's probability map (averaged over the config's mask window: the frames with
+    signal within ``ModelConfig.mask_window_at`` of it in its sweep, weighted like the
+    temporal window) and config, made ``measurable``; fov as in ``analyse_stack``."""
     stack, cfg = scorer.stack, scorer.cfg
     rows, cols = stack.shape[1:]
     if frame < 0:
         return np.zeros((rows, cols), np.uint8)
-    prob = square_to_native(scorer.seg_prob(frame)[None], rows, cols)[0].numpy()
+    fps = sweep_length(len(stack))
+    idx, weights = window_weights(frame, cfg.mask_window_at(fps), fps, len(stack))
+    keep = (idx == frame) | np.array([stack[j].any() for j in idx])
+    square = sum(w * scorer.seg_prob(int(j)) for j, w in zip(idx[keep], weights[keep])) / weights[keep].sum()
+    prob = square_to_native(square[None], rows, cols)[0].numpy()
     fan = fov.astype(bool) if fov is not None else stack.max(axis=0) > 0
     mask = final_mask(prob, cfg.pixel_threshold, fan, ellipse=cfg.ellipse_mask)
     if not mask.any():  # fan has no pixel at all: fall back to the frame's non-zero pixels
         mask = final_mask(prob, cfg.pixel_threshold, stack[frame] > 0, ellipse=cfg.ellipse_mask)
-    return mask
+    return measurable(mask)
 
 
 def largest_area_frame(scorer: FrameScorer) -> int:

@@ -82,20 +82,28 @@ def sweep_length(n_frames: int) -> int:
     return n_frames // 6 if n_frames % 6 == 0 and n_frames >= 6 else n_frames
 
 
-def temporal_support(raw: np.ndarray, window: float, frames_per_sweep: int) -> np.ndarray:
-    """Mean of ``raw`` over the finite values within +-window frames in the same sweep (nan
-    where raw is nan). A fractional window weighs the frames within +-floor(window) 1 and the
-    two next ones its fractional part: at 35 frames per sweep, a window of 0.5 covers the
-    stretch of sweep that 2 frames cover at 140 (``ModelConfig.window_at``)."""
-    raw = np.asarray(raw, dtype=np.float64)
+def window_weights(i: int, window: float, frames_per_sweep: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frame indices, weights) of frame i's temporal window: the frames within +-window of i
+    in its sweep (i included), those within +-floor(window) weighing 1 and the two next ones
+    the fractional part (none for a whole window). At 35 frames per sweep, a window of 0.5
+    covers the stretch of sweep that 2 frames cover at 140 (``ModelConfig.window_at``)."""
     whole = int(np.floor(window))
     part = float(window) - whole
+    s0 = (i // frames_per_sweep) * frames_per_sweep
+    lo, hi = max(s0, i - whole - (part > 0)), min(s0 + frames_per_sweep, n_frames, i + whole + 1 + (part > 0))
+    idx = np.arange(lo, hi)
+    return idx, np.where(np.abs(idx - i) <= whole, 1.0, part)
+
+
+def temporal_support(raw: np.ndarray, window: float, frames_per_sweep: int) -> np.ndarray:
+    """Mean of ``raw`` over the finite values in each frame's temporal window (``window_weights``;
+    nan where raw is nan)."""
+    raw = np.asarray(raw, dtype=np.float64)
     out = np.full(raw.shape, np.nan)
     for i in np.flatnonzero(np.isfinite(raw)):
-        s0 = (i // frames_per_sweep) * frames_per_sweep
-        lo, hi = max(s0, i - whole - 1), min(s0 + frames_per_sweep, i + whole + 2)
-        vals = raw[lo:hi]
-        w = np.where(np.abs(np.arange(lo, hi) - i) <= whole, 1.0, part) * np.isfinite(vals)
+        idx, w = window_weights(int(i), window, frames_per_sweep, len(raw))
+        vals = raw[idx]
+        w = w * np.isfinite(vals)
         out[i] = np.sum(w * np.nan_to_num(vals)) / np.sum(w)
     return out
 

@@ -79,6 +79,13 @@ def test_config_round_trip():
     for bad in (0, -140, 1.5):
         with pytest.raises(ValueError, match="window_frames_per_sweep"):
             ModelConfig.from_dict({**d, "window_frames_per_sweep": bad})
+    # the mask window: counted like the temporal window; older models (no key) average nothing
+    assert cfg.mask_window == 0 and ModelConfig.from_dict({k: v for k, v in d.items() if k != "mask_window"}) == cfg
+    assert at_140.mask_window_at(35) == 0 and ModelConfig.from_dict({**d, "mask_window": 2}).mask_window_at(35) == 2
+    assert ModelConfig.from_dict({**d, "mask_window": 2, "window_frames_per_sweep": 140}).mask_window_at(35) == 0.5
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="mask_window"):
+            ModelConfig.from_dict({**d, "mask_window": bad})
     with_head = {**d, "heads": ["seg", "frame"]}
     assert cfg.frame_threshold is None and ModelConfig.from_dict({**with_head, "frame_threshold": 0.5}).frame_threshold \
         == 0.5

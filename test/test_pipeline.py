@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fetaliqa.model import ModelConfig, build_model
-from fetaliqa.pipeline import Analysis, analyse_stack
+from fetaliqa.pipeline import Analysis, FrameScorer, analyse_stack, native_mask
 
 torch.set_num_threads(2)
 
@@ -197,3 +197,34 @@ def test_frame_threshold_decides_good_frames_by_the_head_alone():
     c = conclude(among_good)
     assert c.frame == int(np.nanargmax(np.where(b.good, b.scores, np.nan)))
     assert not b.good[b.frame] and c.frame != b.frame  # here the best score is not a good frame
+
+
+def test_mask_window_averages_the_neighbours_maps():
+    """The chosen frame's mask is cut from the mean probability map over its mask window: with
+    the transparent model, frames 2-4 show disks of 0.6, 1.0 and 0.8 times one size, so the
+    mean map of frame 3 passes 0.5 exactly inside the 0.8 disk (two of three frames); its own
+    map gives the full disk. A blank neighbour (no signal) does not count: at pixel threshold
+    0.4, frames 3 and 4 alone pass it in the whole disk (0.5), with a blank third map they would
+    not (1/3)."""
+    rows, cols = 56, 74
+    y, x = np.mgrid[:rows, :cols]
+
+    def disk(scale):
+        return ((y - 28) / (20 * scale)) ** 2 + ((x - 37) / (26 * scale)) ** 2 <= 1
+
+    st = np.full((7, rows, cols), 30, np.uint8)  # 7 frames: one sweep
+    for f, scale in ((2, 0.6), (3, 1.0), (4, 0.8)):
+        st[f][disk(scale)] = 250
+
+    def mask(window, stack=st, **kw):
+        return native_mask(FrameScorer(stack, BrightIsAbdomen(mask_window=window, **kw), progress=False), 3)
+
+    def dice(m, ref):
+        return 2 * (m.astype(bool) & ref).sum() / (m.sum() + ref.sum())
+
+    assert dice(mask(0), disk(1.0)) > 0.97
+    assert dice(mask(1), disk(0.8)) > 0.97 and dice(mask(1), disk(1.0)) < 0.85
+    blank = st.copy()
+    blank[2] = 0
+    assert dice(mask(1, blank, pixel_threshold=0.4), disk(1.0)) > 0.97
+    assert dice(mask(1, pixel_threshold=0.4), disk(0.8)) > 0.97

@@ -8,7 +8,7 @@ import torch
 
 from fetaliqa.postprocess import ellipse_mask, final_mask, largest_component
 from fetaliqa.select import (choose_frame, frame_decision, frame_stats, seg_scores, shape_from_moments,
-                             sweep_length, temporal_support)
+                             sweep_length, temporal_support, window_weights)
 
 
 def test_frame_stats_by_hand():
@@ -161,3 +161,18 @@ def test_ellipse_option_fits_and_fills():
     dice = 2 * (out.astype(bool) & ell).sum() / (out.sum() + ell.sum())
     assert dice > 0.98 and out[100, 175] == 1
     assert largest_component(np.zeros((4, 4), np.uint8)).sum() == 0
+
+
+def test_window_weights():
+    """A frame's temporal window: whole frames weigh 1, a fractional window's end frames its
+    fractional part, never past its sweep or the stack."""
+    idx, w = window_weights(12, 2, 10, 40)
+    assert idx.tolist() == [10, 11, 12, 13, 14] and w.tolist() == [1] * 5
+    idx, w = window_weights(12, 0.5, 10, 40)
+    assert idx.tolist() == [11, 12, 13] and w.tolist() == [0.5, 1, 0.5]
+    idx, w = window_weights(10, 1.5, 10, 40)  # first frame of sweep 2: nothing from sweep 1
+    assert idx.tolist() == [10, 11, 12] and w.tolist() == [1, 1, 0.5]
+    idx, w = window_weights(38, 3, 100, 40)  # a short last sweep
+    assert idx.tolist() == [35, 36, 37, 38, 39]
+    idx, w = window_weights(7, 0, 10, 40)
+    assert idx.tolist() == [7] and w.tolist() == [1]

@@ -442,10 +442,11 @@ def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny
     # --good-by frame: the same head (loaded), and frames are good by its smoothed probability above the
     # F1-best cut of the validation frames, put back at their stack positions; the score cut stays beside it
     assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20", "--frame-mask-weight", "1",
-                   "--good-by", "frame"]) == 0
+                   "--good-by", "frame", "--mask-window", "1", "--ellipse-mask"]) == 0
     err = capsys.readouterr().err
     assert "frame head: loaded" in err and "good by frame head >= " in err
     by_head = load_exported(out / "model")
+    assert by_head.config.mask_window == 1 and by_head.config.ellipse_mask  # the mask settings are exported
     assert torch.equal(by_head.frame_head[-2].weight, supervised.frame_head[-2].weight)
     cal = json.loads((out / "calibration.json").read_text())
     pred = T.predict_rows(by_head, cache, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any",

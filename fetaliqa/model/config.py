@@ -107,7 +107,12 @@ class ModelConfig:
         in part): cuts calibrated on sparser validation sweeps (the simulated default's 35
         frames) then hold on the stacks the container serves. None: temporal_window frames
         at any density.
-    ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
+    ellipse_mask: replace the chosen frame's mask by its fitted ellipse (kept off the fan's
+        edge, as every mask: ``fetaliqa.postprocess.final_mask``).
+    mask_window: the chosen frame's mask is cut from its probability map averaged with its
+        neighbours' within +-mask_window frames of the same sweep, counted like temporal_window
+        (``mask_window_at``): at 140 frames per sweep the neighbouring planes are nearly the same
+        section, and their mean map is less ragged. 0: the frame's own map.
     choose_from: "good": the case's frame is the best-scoring good frame (the best-scoring
         frame only when none is good); "all": the best-scoring frame, good or not (the
         decision then only labels frames).
@@ -142,6 +147,7 @@ class ModelConfig:
     temporal_window: int = 2
     window_frames_per_sweep: int | None = None
     ellipse_mask: bool = False
+    mask_window: int = 0
     choose_from: str = "good"
     shape_power: float = 0.0
     sweep_prior: tuple[float, ...] | None = None
@@ -177,6 +183,8 @@ class ModelConfig:
             if "frame" not in self.heads:
                 raise ValueError(f"frame_threshold cuts the frame head's probability: heads {self.heads!r} "
                                  f"need 'frame'")
+        if isinstance(self.mask_window, bool) or not isinstance(self.mask_window, int) or self.mask_window < 0:
+            raise ValueError(f"mask_window must be an integer >= 0, got {self.mask_window!r}")
         if self.window_frames_per_sweep is not None:
             if int(self.window_frames_per_sweep) != self.window_frames_per_sweep or self.window_frames_per_sweep < 1:
                 raise ValueError(f"window_frames_per_sweep must be a positive integer or None, "
@@ -207,9 +215,16 @@ class ModelConfig:
 
     def window_at(self, frames_per_sweep: int) -> float:
         """The temporal window, in frames, for sweeps of ``frames_per_sweep`` frames."""
+        return self._frames_at(self.temporal_window, frames_per_sweep)
+
+    def mask_window_at(self, frames_per_sweep: int) -> float:
+        """The mask window, in frames, for sweeps of ``frames_per_sweep`` frames."""
+        return self._frames_at(self.mask_window, frames_per_sweep)
+
+    def _frames_at(self, frames: int, frames_per_sweep: int) -> float:
         if self.window_frames_per_sweep is None:
-            return float(self.temporal_window)
-        return self.temporal_window * frames_per_sweep / self.window_frames_per_sweep
+            return float(frames)
+        return frames * frames_per_sweep / self.window_frames_per_sweep
 
     def open_clip_config(self) -> dict[str, Any]:
         """The open_clip model config (``geometry`` if set, else the registered one)."""
