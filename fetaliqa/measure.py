@@ -168,6 +168,15 @@ def uncut_circumference_mm(mask: np.ndarray, fov: np.ndarray | None = None,
     return None if perimeter is None else perimeter * pixel_spacing
 
 
+MISREAD_TOLERANCE = 0.05
+
+
+def misread(official: float | None, uncut: float | None, tolerance: float = MISREAD_TOLERANCE) -> bool:
+    """True when the official AC misreads a mask: it has an uncut AC and the official one is
+    missing or differs from it by more than ``tolerance`` (relative)."""
+    return uncut is not None and (official is None or abs(official - uncut) > tolerance * uncut)
+
+
 def measurement_fov(shape: tuple[int, int]) -> np.ndarray:
     """The FOV the evaluator measures frames of this shape in: the official one for
     ``(562, 744)`` frames, else the whole frame (bool)."""

@@ -11,11 +11,17 @@ quirk that decided a number:
   (``stack[-1]``) with an empty prediction;
 - ``soft_earlier_side``: soft Dice took the nearest annotated frame *before* f although one after
   f was as close or closer;
-- ``spacing_ignored``: the image spacing differs from the constant 0.28 mm the evaluator uses.
+- ``spacing_ignored``: the image spacing differs from the constant 0.28 mm the evaluator uses;
+- ``ac_boundary_piece``: the AC was fitted to a stray piece of the predicted mask's boundary:
+  where a mask runs along the fan edge a few pixels inside it, the evaluator's deletion of the
+  fan-edge zone leaves several open pieces, all of about zero contourArea, and the first one
+  found is fitted; the AC is then missing (NAE 1) or off the one of the whole boundary outside
+  that zone (``measure.uncut_circumference_mm``) by more than 5 % (``measure.misread``).
 
 ``mode="corrected"`` gives the numbers those quirks were meant to give: Dice 1 for agreeing empty
 frames, frame -1 scored as "no frame" (Dice 1 if the case has no annotation, else 0; Hausdorff
-nan), soft Dice from the nearest annotated frame (earlier on ties), the given spacing.
+nan), soft Dice from the nearest annotated frame (earlier on ties), the given spacing, the AC of
+the mask's whole boundary outside the fan-edge zone.
 
 Only the chosen frame, the +-15 frame soft-Dice window and one per-frame max over the GT volume are
 touched, so a full (840, 562, 744) case scores in well under a second (the official code takes
@@ -32,7 +38,8 @@ import numpy as np
 from evalutils.stats import hausdorff_distance
 from scipy.ndimage import distance_transform_edt
 
-from fetaliqa.measure import PIXEL_SPACING_MM, measurement_fov, official_circumference_mm
+from fetaliqa.measure import (PIXEL_SPACING_MM, measurement_fov, misread, official_circumference_mm,
+                              uncut_circumference_mm)
 
 SOFT_WINDOW = 15  # frames searched on each side for the soft Dice
 SUBOPTIMAL_WEIGHT = 0.6
@@ -200,6 +207,12 @@ def score_case(gt: np.ndarray, ac_ref_mm: Sequence[float | None], frame: int, pr
     odd_spacing = spacing_mm is not None and abs(spacing_mm - PIXEL_SPACING_MM) > 1e-9
     pixel = spacing_mm if odd_spacing and mode == "corrected" else PIXEL_SPACING_MM
     ac_pred = official_circumference_mm(p, fov=fov, pixel_spacing=pixel) if p.any() else None
+    if p.any():
+        uncut = uncut_circumference_mm(p, fov=fov, pixel_spacing=pixel)
+        if misread(ac_pred, uncut):
+            flags.append("ac_boundary_piece")
+            if mode == "corrected":
+                ac_pred = uncut
     if odd_spacing and mode == "official" and ac_pred is not None:
         flags.append("spacing_ignored")
     if ac_pred is None or ac_ref is None:

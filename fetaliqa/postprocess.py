@@ -73,7 +73,7 @@ def final_mask(prob: np.ndarray, threshold: float, fov: np.ndarray | None = None
     return ellipse_mask(m, fov) if ellipse and m.any() else m
 
 
-def measurable(mask: np.ndarray, tolerance: float = 0.05, margins: tuple[int, ...] = (2, 4, 6, 8)) -> np.ndarray:
+def measurable(mask: np.ndarray, tolerance: float | None = None, margins: tuple[int, ...] = (2, 4, 6, 8)) -> np.ndarray:
     """``mask``, or where the official AC measurement would misread it, the same mask kept a few
     pixels inside the evaluator's FOV (``fetaliqa.measure.measurement_fov``).
 
@@ -81,13 +81,15 @@ def measurable(mask: np.ndarray, tolerance: float = 0.05, margins: tuple[int, ..
     mask's boundary; a mask that runs along the fan edge a few pixels inside it leaves stray
     pieces and may be measured on a few pixels, or not at all (NAE 1), however good the mask
     (``measure.uncut_circumference_mm``). When the official AC is missing or differs from the
-    uncut one by more than ``tolerance`` (relative), the mask is cut to the FOV eroded by each
+    uncut one by more than ``tolerance`` (relative; None: ``measure.MISREAD_TOLERANCE``, what
+    ``fetaliqa.metrics`` flags as ``ac_boundary_piece``), the mask is cut to the FOV eroded by each
     of ``margins`` pixels in turn (largest component, holes filled): the first that the
     official measurement reads within tolerance, else the one it reads closest (the mask itself
     on ties). A mask cut cleanly by the fan edge is read right and stays as it is.
     """
-    from .measure import measurement_fov, official_circumference_mm, uncut_circumference_mm
+    from .measure import MISREAD_TOLERANCE, measurement_fov, official_circumference_mm, uncut_circumference_mm
 
+    tolerance = MISREAD_TOLERANCE if tolerance is None else tolerance
     mask = (np.asarray(mask) != 0).astype(np.uint8)
     want = uncut_circumference_mm(mask) if mask.any() else None
     if want is None:

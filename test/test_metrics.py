@@ -258,3 +258,21 @@ def test_frame_metrics_ties_and_degenerate():
     assert m["specificity"] == 1.0
     with pytest.raises(ValueError):
         frame_metrics(np.zeros(3), np.zeros(2), 0.5)
+
+
+def test_ac_fitted_to_a_stray_boundary_piece_is_flagged():
+    """A mask grazing the fan edge: the evaluator fits a stray piece of its boundary and finds no
+    AC (NAE 1), flagged ac_boundary_piece; corrected mode measures the whole boundary outside
+    the fan-edge zone, the disk's own circumference."""
+    from fetaliqa.measure import OFFICIAL_SHAPE, PIXEL_SPACING_MM, load_official_fov
+
+    yy, xx = np.mgrid[:OFFICIAL_SHAPE[0], :OFFICIAL_SHAPE[1]]
+    grazing = (((yy - 300) ** 2 + (xx - 190) ** 2 <= 80 ** 2) & load_official_fov()).astype(np.uint8)
+    gt = np.stack([grazing, np.zeros_like(grazing)])
+    true = 2 * math.pi * 80 * PIXEL_SPACING_MM
+    s = score_case(gt, [true, None], 0, grazing, frames_per_sweep=1)
+    assert s.ac_pred_mm is None and s.nae_ac == 1.0 and s.dice == 1.0 and s.flags == ["ac_boundary_piece"]
+    c = score_case(gt, [true, None], 0, grazing, frames_per_sweep=1, mode="corrected")
+    assert c.ac_pred_mm == pytest.approx(true, rel=0.01) and c.nae_ac < 0.01
+    inside = (((yy - 281) ** 2 + (xx - 372) ** 2) <= 80 ** 2).astype(np.uint8)  # clear of the edge: no flag
+    assert score_case(np.stack([inside, inside * 0]), [true, None], 0, inside, frames_per_sweep=1).flags == []
