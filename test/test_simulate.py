@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from fetaliqa import simulate as sim
-from fetaliqa.measure import load_official_fov, official_circumference_mm
+from fetaliqa.measure import load_official_fov, misread, official_circumference_mm, uncut_circumference_mm
 
 SMALL = sim.SimConfig(frames_per_sweep=12, rows=140, cols=186)
 
@@ -52,10 +52,12 @@ def test_format_labels_and_ac(small_case):
 
 
 def _assert_ac_from_masks(ref: float, lab: np.ndarray) -> None:
-    """The reference AC is the official measurement of one of the sweep's best-label masks."""
+    """The reference AC is the official measurement of one of the sweep's best-label masks,
+    one that it reads right (``measure.misread``)."""
     best = 1 if (lab == 1).any() else 2
-    measured = [official_circumference_mm(m) for m in lab if (m == best).any()]
-    assert any(v is not None and v == pytest.approx(ref, abs=1e-9) for v in measured), (ref, measured)
+    measured = [(official_circumference_mm(m), uncut_circumference_mm(m)) for m in lab if (m == best).any()]
+    assert any(o is not None and not misread(o, u) and o == pytest.approx(ref, abs=1e-9) for o, u in measured), \
+        (ref, measured)
 
 
 def test_labels_are_frame_wide_and_in_runs(small_case):
@@ -215,3 +217,25 @@ def test_bad_arguments(tmp_path, capsys):
         sim.SimConfig(frames_per_sweep=1)
     with pytest.raises(ValueError, match="layout"):
         sim.write_case(sim.simulate_case(1, sim.SimConfig(frames_per_sweep=2, rows=64, cols=80)), tmp_path, "nope")
+
+
+def test_reference_ac_skips_masks_the_official_measurement_misreads():
+    """A sweep's best mask grazes the fan edge: the official code measures a stray piece of its
+    boundary (here nothing), so the reference is the next mask's AC, as a sonographer's would
+    be; when every mask is misread, the uncut AC of the first."""
+    fov = load_official_fov()
+    yy, xx = np.mgrid[:562, :744]
+
+    def disk(cy, cx, r):
+        return ((((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r) & fov).astype(np.uint8)
+
+    grazing, inner = disk(300, 190, 80), disk(281, 372, 70)
+    assert official_circumference_mm(grazing) is None
+    masks = np.zeros((12, 562, 744), np.uint8)
+    masks[0], masks[1], masks[2] = grazing, inner, grazing  # sweep 1: both; sweep 2: the grazing one alone
+    labels = masks.reshape(12, -1).max(1)
+    acs = sim._reference_acs(masks, labels, np.ones(12), 2)
+    assert acs[0] == pytest.approx(official_circumference_mm(inner), abs=1e-9)
+    assert acs[1] == pytest.approx(uncut_circumference_mm(grazing), abs=1e-9) == pytest.approx(2 * np.pi * 80 * 0.28,
+                                                                                                rel=0.01)
+    assert acs[2:] == [None] * 4

@@ -138,11 +138,14 @@ def _reference_acs(masks: np.ndarray, labels: np.ndarray, inside: np.ndarray, n:
     """Per sweep: official AC of the best mask, None when the sweep has no annotation.
 
     Best mask = of the sweep's best label (1, else 2), the one least cut by the fan edge (inside
-    fraction to 0.01), then the largest, that the official measurement can measure: the official
-    fit on the few boundary points left by a heavily cut mask can be far off (an organiser
-    measuring by hand would not pick that frame either).
+    fraction to 0.01), then the largest, that the official measurement reads right: the official
+    fit on the few boundary points left by a heavily cut mask can be far off, and a mask running
+    along the fan edge can be measured on a stray piece of its boundary (a few mm;
+    ``fetaliqa.measure.misread``); an organiser measuring by hand would not pick that frame, nor
+    read that number. When the official measurement misreads every such mask: the uncut AC
+    (``measure.uncut_circumference_mm``) of the first one that has it.
     """
-    from fetaliqa.measure import official_circumference_mm
+    from fetaliqa.measure import misread, official_circumference_mm, uncut_circumference_mm
 
     out: list[float | None] = []
     for k in range(SWEEPS):
@@ -153,8 +156,14 @@ def _reference_acs(masks: np.ndarray, labels: np.ndarray, inside: np.ndarray, n:
             continue
         frames = k * n + np.nonzero(lab == best)[0]
         order = sorted(frames, key=lambda f: (-round(float(inside[f]), 2), -int(np.count_nonzero(masks[f])), f))
-        ac = next((a for a in map(official_circumference_mm, (masks[f] for f in order)) if a is not None), None)
-        out.append(None if ac is None else float(ac))
+        ac, fallback = None, None
+        for f in order:
+            official, uncut = official_circumference_mm(masks[f]), uncut_circumference_mm(masks[f])
+            if official is not None and not misread(official, uncut):
+                ac = official
+                break
+            fallback = uncut if fallback is None else fallback
+        out.append(None if ac is None and fallback is None else float(fallback if ac is None else ac))
     return out
 
 
