@@ -107,8 +107,7 @@ class ModelConfig:
         in part): cuts calibrated on sparser validation sweeps (the simulated default's 35
         frames) then hold on the stacks the container serves. None: temporal_window frames
         at any density.
-    ellipse_mask: replace the chosen frame's mask by its fitted ellipse (kept off the fan's
-        edge, as every mask: ``fetaliqa.postprocess.final_mask``).
+    ellipse_mask: replace the chosen frame's mask by its fitted ellipse.
     mask_window: the chosen frame's mask is cut from its probability map averaged with its
         neighbours' within +-mask_window frames of the same sweep, counted like temporal_window
         (``mask_window_at``): at 140 frames per sweep the neighbouring planes are nearly the same
