@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
     # frame is then the best quality score among those good frames (docs/training.md).
     # The case's mask: the chosen frame's probability map averaged over +-2 frames (at 140 per
     # sweep), then its fitted ellipse: smoother masks, soft Dice up on every evaluation set
-    # (docs/training.md, "The mask").
+    # (docs/training.md, "The case's mask").
     "default-sim": dict(backbone="fetalclip-small", image_size=112, decoder_width=16, encoder="full", epochs=26,
                         batch_size=8, lr=2e-3, loss="dice_bce", neg_ratio=2.0, selection="all", warmup=0.05,
                         val_max_frames=1500, val_every=13, case_check=-1, num_workers=0, select_metric="loss",
