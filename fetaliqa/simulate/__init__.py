@@ -140,10 +140,10 @@ def _reference_acs(masks: np.ndarray, labels: np.ndarray, inside: np.ndarray, n:
     Best mask = of the sweep's best label (1, else 2), the one least cut by the fan edge (inside
     fraction to 0.01), then the largest, that the official measurement reads right: the official
     fit on the few boundary points left by a heavily cut mask can be far off, and a mask running
-    along the fan edge can be measured on a stray piece of its boundary (a few mm;
-    ``fetaliqa.measure.misread``); an organiser measuring by hand would not pick that frame, nor
-    read that number. When the official measurement misreads every such mask: the uncut AC
-    (``measure.uncut_circumference_mm``) of the first one that has it.
+    along the fan edge can be measured on a stray piece of its boundary (a few mm, thousands
+    of mm or nothing; ``fetaliqa.measure.misread``); an organiser measuring by hand would not
+    pick that frame, nor read that number. When the official measurement misreads every such
+    mask: the uncut AC (``measure.uncut_circumference_mm``) of the first one that has it.
     """
     from fetaliqa.measure import misread, official_circumference_mm, uncut_circumference_mm
 
