@@ -88,17 +88,24 @@ def _fov_edge(fov_padded: np.ndarray) -> np.ndarray:
     return cv2.dilate(edge, np.ones((3, 3), np.uint8), iterations=3)
 
 
-def _untruncated_contour(mask: np.ndarray, fov: np.ndarray) -> np.ndarray | None:
-    """Largest contour (by contourArea) of the mask boundary that is not along the FOV edge."""
+def _padded_in_fov(mask: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask as 0/255 padded by _PAD and clipped to the FOV, the padded FOV's edge zone), as
+    the official measurement prepares them."""
     m = np.pad(_binary255(mask), _PAD)
     f = np.pad(_binary255(fov), _PAD)
     m &= f  # the official code multiplies; for 0/255 images that is a logical AND
+    return m, _fov_edge_cached(f.tobytes(), f.shape)
+
+
+def _untruncated_contour(mask: np.ndarray, fov: np.ndarray) -> np.ndarray | None:
+    """Largest contour (by contourArea) of the mask boundary that is not along the FOV edge."""
+    m, edge = _padded_in_fov(mask, fov)
     if not m.any():
         return None
     contours, _ = cv2.findContours(m, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
     outline = np.zeros_like(m)
     cv2.drawContours(outline, contours, -1, 255, 1)
-    outline[_fov_edge_cached(f.tobytes(), f.shape) != 0] = 0
+    outline[edge != 0] = 0
     contours, _ = cv2.findContours(outline, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
@@ -156,14 +163,12 @@ def uncut_circumference_mm(mask: np.ndarray, fov: np.ndarray | None = None,
     compares the two on the container's output.
     """
     mask = _check_2d(mask, fov)
-    m = np.pad(_binary255(mask), _PAD)
-    f = np.pad(_binary255(measurement_fov(mask.shape) if fov is None else fov), _PAD)
-    m &= f
+    m, edge = _padded_in_fov(mask, measurement_fov(mask.shape) if fov is None else fov)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
     points = max(contours, key=cv2.contourArea)[:, 0, :]
-    points = points[_fov_edge_cached(f.tobytes(), f.shape)[points[:, 1], points[:, 0]] == 0]
+    points = points[edge[points[:, 1], points[:, 0]] == 0]
     perimeter = _fit_perimeter_px(points)
     return None if perimeter is None else perimeter * pixel_spacing
 

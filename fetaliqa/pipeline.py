@@ -347,7 +347,7 @@ def native_mask(scorer: FrameScorer, frame: int, fov: np.ndarray | None = None) 
         return np.zeros((rows, cols), np.uint8)
     fps = sweep_length(len(stack))
     idx, weights = window_weights(frame, cfg.mask_window_at(fps), fps, len(stack))
-    keep = (idx == frame) | np.array([stack[j].any() for j in idx])
+    keep = (idx == frame) | frames_with_signal(stack[idx[0]:idx[-1] + 1])  # idx is a contiguous run
     square = sum(w * scorer.seg_prob(int(j)) for j, w in zip(idx[keep], weights[keep])) / weights[keep].sum()
     prob = square_to_native(square[None], rows, cols)[0].numpy()
     fan = fov.astype(bool) if fov is not None else stack.max(axis=0) > 0

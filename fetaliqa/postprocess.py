@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from .measure import MISREAD_TOLERANCE, measurement_fov, official_circumference_mm, uncut_circumference_mm
+
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """uint8 mask of the largest 8-connected component (empty stays empty)."""
@@ -87,8 +89,6 @@ def measurable(mask: np.ndarray, tolerance: float | None = None, margins: tuple[
     official measurement reads within tolerance, else the one it reads closest (the mask itself
     on ties). A mask cut cleanly by the fan edge is read right and stays as it is.
     """
-    from .measure import MISREAD_TOLERANCE, measurement_fov, official_circumference_mm, uncut_circumference_mm
-
     tolerance = MISREAD_TOLERANCE if tolerance is None else tolerance
     mask = (np.asarray(mask) != 0).astype(np.uint8)
     want = uncut_circumference_mm(mask) if mask.any() else None
