@@ -83,9 +83,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="CPU only: int8 dynamic quantisation of the encoder's linear layers (about 1.4x "
                         "faster for FetalCLIP, smaller weights; or FETALIQA_INT8=1); see docs/bench.md")
     p.add_argument("--search", default=None,
-                   help="frame search: fast (coarse-to-fine, about 120-160 of 840 frames; "
-                        "default) or exhaustive (every frame; or FETALIQA_SEARCH=exhaustive); "
-                        "see docs/bench.md")
+                   help="frame search: auto (default: exhaustive on CUDA and for small models such as "
+                        "the embedded default, fast for FetalCLIP-size ones on the CPU), exhaustive "
+                        "(every frame) or fast (coarse-to-fine, about 100-160 of 840 frames); or "
+                        "FETALIQA_SEARCH; see docs/bench.md")
     p.add_argument("--extras", action="store_true",
                    help="also write scores, curve, AC and overlay to OUTPUT/extras "
                         "(or FETALIQA_EXTRAS=1)")
@@ -96,7 +97,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.extras = args.extras or os.environ.get("FETALIQA_EXTRAS", "") not in ("", "0")
     args.int8 = args.int8 or os.environ.get("FETALIQA_INT8", "") not in ("", "0")
     args.search_from = "--search" if args.search else "FETALIQA_SEARCH"
-    args.search = args.search or os.environ.get("FETALIQA_SEARCH") or "fast"
+    args.search = args.search or os.environ.get("FETALIQA_SEARCH") or "auto"
     return args
 
 
@@ -172,9 +173,9 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
         frame, mask = checked_result(analysis, stack)
         for k, v in analysis.timings.items():
             timings[f"analyse.{k}"] = v
-        log.info("analysed on %s, batch %d, %s search (%d of %d frames scored): frame %d, mask %d pixels",
-                 device, batch, args.search, int(np.isfinite(analysis.scores).sum()), len(stack), frame,
-                 int(mask.sum()))
+        log.info("analysed on %s, batch %d, %s search%s (%d of %d frames scored): frame %d, mask %d pixels",
+                 device, batch, analysis.search, " (auto)" if args.search == "auto" else "",
+                 int(np.isfinite(analysis.scores).sum()), len(stack), frame, int(mask.sum()))
     timings["analyse"] = time.perf_counter() - t
     # the weights (1.2 GB for FetalCLIP) are not needed any more: release them before the
     # output volume and SimpleITK's copy of it exist, so the three never add up

@@ -14,7 +14,9 @@ every ``stride``-th frame of each sweep (halving the stride while no frame is go
 refines around the best few coarse frames that can win (a pattern search by default,
 or every frame nearby), then walks until the chosen frame's temporal
 neighbourhood is scored, so its score (which takes support from +-temporal_window
-neighbours) is the one the exhaustive pass gives it.
+neighbours) is the one the exhaustive pass gives it; "auto" (``resolve_search``) the
+exhaustive pass where it is cheap (small encoders, CUDA), the fast search for FetalCLIP-width
+encoders on the CPU.
 Its choice depends only on the statistics of the frames it asked for, so replaying it on
 an exhaustive pass's statistics (``ReplayScorer``) gives the choice a real fast run makes.
 The model runs through ``fetaliqa.model.fuse.inference_view`` (BatchNorm folded, depthwise
@@ -40,7 +42,8 @@ from .preprocess import frames_to_model_input, iter_frame_batches, square_to_nat
 from .select import (best_of, choose_frame, coarse_frames, frame_decision, frame_stats, neighbourhood, seg_scores,
                      sweep_candidates, sweep_length, window_weights)
 
-SEARCHES = ("exhaustive", "fast")
+SEARCHES = ("auto", "exhaustive", "fast")
+AUTO_FAST_MIN_WIDTH = 512  # encoder width from which "auto" searches fast on the CPU (FetalCLIP: 1024)
 SEG_STATS = ("area", "mean_fg", "peak", "shape")  # per-frame SEG statistics (select.frame_stats)
 
 
@@ -87,13 +90,32 @@ class Analysis:
     mask: uint8 (rows, cols) {0, 1} of the chosen frame; never empty when frame >= 0.
     scores: float32 (frames,) per-frame quality score (nan = not scored).
     good: bool (frames,) per-frame decision.
-    timings: seconds per stage ("signal", "model", "select", "mask", "total")."""
+    timings: seconds per stage ("signal", "model", "select", "mask", "total").
+    search: the search that ran ("exhaustive" or "fast"; "auto" resolved)."""
 
     frame: int
     mask: np.ndarray
     scores: np.ndarray
     good: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    search: str = "exhaustive"
+
+
+def resolve_search(search: str, config, device: str | torch.device) -> str:
+    """The search that runs for ``search`` with a model of ``config`` on ``device``: "auto" is
+    "exhaustive" on CUDA and for encoders narrower than ``AUTO_FAST_MIN_WIDTH`` (the embedded
+    default: 840 frames in about 12 s on 2 CPU cores, and on the held-out and development sets
+    a higher score than the fast search on four of five; docs/bench.md), "fast" for
+    FetalCLIP-width encoders on the CPU (about 110 s per case instead of about 950 s). It
+    depends on the model and the kind of device only, never on timing, so a machine's speed
+    never changes the output. Other searches are returned as they are (unknown: ValueError)."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; available: {', '.join(SEARCHES)}")
+    if search != "auto":
+        return search
+    if torch.device(device).type == "cuda":
+        return "exhaustive"
+    return "fast" if int(config.vision_cfg()["width"]) >= AUTO_FAST_MIN_WIDTH else "exhaustive"
 
 
 class FrameScorer:
@@ -294,7 +316,8 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
     amp: fp16 autocast on CUDA (ignored on CPU). fov: bool (rows, cols) fan mask restricting
     the output mask; None -> pixels non-zero in any frame of the stack.
     search: "exhaustive" scores every frame that holds any signal; "fast" the coarse-to-fine
-    search (``fast_search`` with ``FastSearch()``), about 100 of 840 frames with the embedded default.
+    search (``fast_search`` with ``FastSearch()``), about 100 of 840 frames with the embedded
+    default; "auto" one of them by model and device (``resolve_search``; the container's default).
     A model without a SEG head (FetalCLIP-CLS alone) cannot produce the required mask:
     ValueError.
     """
@@ -307,8 +330,7 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
     if "seg" not in cfg.heads:
         raise ValueError(f"model heads {cfg.heads}: FetalCLIP-CLS alone chooses frames but cannot produce "
                          "the abdomen mask the challenge needs; use a model with a 'seg' head")
-    if search not in SEARCHES:
-        raise ValueError(f"unknown search {search!r}; available: {', '.join(SEARCHES)}")
+    search = resolve_search(search, cfg, device)
     n, rows, cols = stack.shape
     if fov is not None and fov.shape != (rows, cols):
         raise ValueError(f"fov shape {fov.shape} does not match the frames' ({rows}, {cols})")
@@ -327,6 +349,7 @@ def analyse_stack(stack: np.ndarray, model, *, device="cpu", batch_size: int = 1
 
     analysis = conclude(scorer, fov)
     analysis.timings = {**timings, **analysis.timings, "total": time.perf_counter() - t0}
+    analysis.search = search
     return analysis
 
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fetaliqa.model import ModelConfig, build_model
 from fetaliqa.model.fuse import fold_batchnorm, inference_view, quantize_encoder_linears
-from fetaliqa.pipeline import FastSearch, FrameScorer, ReplayScorer, analyse_stack, fast_search
+from fetaliqa.pipeline import FastSearch, FrameScorer, ReplayScorer, analyse_stack, fast_search, resolve_search
 from fetaliqa.select import choose_frame, coarse_frames, neighbourhood, sweep_candidates
 
 torch.set_num_threads(2)
@@ -55,6 +55,35 @@ def _case(seed: int = 0) -> tuple[np.ndarray, int]:
         st[f][_disk(0.45)] = 250
     st[15][_disk(0.7, 20, 28)] = 250
     return st, 99
+
+
+def test_auto_search_is_exhaustive_for_small_models_and_on_cuda_fast_for_wide_ones_on_the_cpu(monkeypatch):
+    """"auto" resolves by the encoder's width and the kind of device alone (never by timing);
+    the explicit searches pass through; analyse_stack runs what it resolves to and says so."""
+    import fetaliqa.pipeline as pipeline
+
+    small = ModelConfig(backbone="fetalclip-small")  # width 128, the embedded default's geometry
+    wide = ModelConfig(backbone="FetalCLIP")  # FetalCLIP's ViT-L/14, width 1024 (config only, no weights)
+    assert small.vision_cfg()["width"] < pipeline.AUTO_FAST_MIN_WIDTH <= wide.vision_cfg()["width"]
+    assert resolve_search("auto", small, "cpu") == "exhaustive"
+    assert resolve_search("auto", wide, "cpu") == "fast"
+    assert resolve_search("auto", wide, torch.device("cuda:1")) == "exhaustive"
+    assert resolve_search("auto", small, "cuda") == "exhaustive"
+    assert resolve_search("fast", small, "cpu") == "fast" and resolve_search("exhaustive", wide, "cpu") == "exhaustive"
+    with pytest.raises(ValueError, match="available: auto, exhaustive, fast"):
+        resolve_search("quick", small, "cpu")
+    st, peak = _case()
+    model = BrightIsAbdomen(temporal_window=2)
+    ex = analyse_stack(st, model, batch_size=8, progress=False)
+    auto = analyse_stack(st, model, batch_size=8, search="auto", progress=False)
+    assert ex.search == auto.search == "exhaustive" and auto.frame == ex.frame == peak
+    assert np.array_equal(np.isfinite(auto.scores), np.isfinite(ex.scores))
+    monkeypatch.setattr(pipeline, "AUTO_FAST_MIN_WIDTH", 128)  # this model now counts as wide
+    fa = analyse_stack(st, model, batch_size=8, search="fast", progress=False)
+    auto = analyse_stack(st, model, batch_size=8, search="auto", progress=False)
+    assert fa.search == auto.search == "fast"
+    assert np.array_equal(np.isfinite(auto.scores), np.isfinite(fa.scores)) and auto.frame == fa.frame
+    assert np.isfinite(auto.scores).sum() < np.isfinite(ex.scores).sum()
 
 
 def test_helpers_by_hand():

@@ -101,17 +101,17 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
 
 
 def test_search_from_option_or_environment(tmp_path, capfd, small_model, monkeypatch):
-    """--search, else FETALIQA_SEARCH (an image's ENV), else fast; the log names the search
-    and how many frames it scored."""
+    """--search, else FETALIQA_SEARCH (an image's ENV), else auto (a small model on the CPU:
+    exhaustive); the log names the search that ran and how many frames it scored."""
     _case(tmp_path, _sim_stack())
     rc, out, err = _run(capfd, tmp_path, model=small_model)
     assert rc == 0, err
-    assert "batch 4, fast search (" in out and " of 12 frames scored)" in out
-    monkeypatch.setenv("FETALIQA_SEARCH", "exhaustive")
+    assert "batch 4, exhaustive search (auto) (12 of 12 frames scored)" in out
+    monkeypatch.setenv("FETALIQA_SEARCH", "fast")
     rc, out, err = _run(capfd, tmp_path, model=small_model)
+    assert rc == 0 and "batch 4, fast search (" in out and " of 12 frames scored)" in out, err
+    rc, out, err = _run(capfd, tmp_path, "--search", "exhaustive", model=small_model)
     assert rc == 0 and "exhaustive search (12 of 12 frames scored)" in out, err
-    rc, out, err = _run(capfd, tmp_path, "--search", "fast", model=small_model)
-    assert rc == 0 and "fast search (" in out, err
 
 
 def _rgb(a):
@@ -178,8 +178,8 @@ def _broken_models(tmp: Path, good: Path) -> dict[str, Path]:
     ("model-mismatched", "cannot load the model in {tmp}/mismatched"),
     ("model-truncated", "cannot load the model in {tmp}/truncated"),
     ("output-unwritable", "cannot write to output folder {tmp}/output"),
-    ("bad-search", "unknown --search 'nonsense' (available: exhaustive"),
-    ("bad-search-env", "unknown FETALIQA_SEARCH 'nonsense' (available: exhaustive"),
+    ("bad-search", "unknown --search 'nonsense' (available: auto, exhaustive, fast"),
+    ("bad-search-env", "unknown FETALIQA_SEARCH 'nonsense' (available: auto, exhaustive, fast"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(tmp_path, capfd, monkeypatch, small_model, case, expect):
     folder = tmp_path / "input" / "images" / "stacked-fetal-ultrasound"
