@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -92,6 +93,15 @@ def test_config_round_trip():
     for bad in ({**with_head, "frame_threshold": 0}, {**d, "frame_threshold": 0.5}):  # no frame head to cut
         with pytest.raises(ValueError, match="frame_threshold"):
             ModelConfig.from_dict(bad)
+    # the frame head's views: the frame alone unless set; older models (no key) likewise
+    assert cfg.frame_views == ((0.0, False),)
+    assert ModelConfig.from_dict({k: v for k, v in d.items() if k != "frame_views"}) == cfg
+    views = ModelConfig.from_dict({**d, "frame_views": [[0, False], [6, False], [-6.5, False], [0, True]]})
+    assert views.frame_views == ((0.0, False), (6.0, False), (-6.5, False), (0.0, True))
+    assert ModelConfig.from_dict(json.loads(json.dumps(views.to_dict()))) == views
+    for bad in ([], [[0, 1]], [[float("nan"), False]], [["x", False]], [[0]], 5):
+        with pytest.raises(ValueError, match="frame_views"):
+            ModelConfig.from_dict({**d, "frame_views": bad})
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**d, "bogus": 1})
 
@@ -221,6 +231,49 @@ def test_frame_head_is_a_pooled_conv_stem_beside_the_encoder_and_round_trips(tmp
         ModelConfig(heads=("cls", "frame"), **SMALL)
     with pytest.raises(ValueError, match="select_by must be 'seg' or 'cls'"):
         ModelConfig(heads=("seg", "frame"), select_by="frame", **SMALL)
+
+
+def test_frame_views_average_the_heads_logits_over_rotated_and_mirrored_frames(tmp_path):
+    """With ``frame_views`` the frame logit is the mean of the head's logits on each view of the
+    input: mirrored = flipped left-right; rotated about the centre, black (pixel 0) where the
+    view leaves the frame (a 90-degree turn of a square moves every pixel onto another
+    exactly); the SEG output is untouched; the views are exported with the model."""
+    m = build_model(ModelConfig(heads=("seg", "frame"), **SMALL)).eval()
+    cfg = m.config
+
+    class Weighing(torch.nn.Module):  # a head that reads every pixel differently: views are told apart
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, v):
+            return (v * self.w).mean((1, 2, 3))
+
+    m.frame_head = head = Weighing()
+    x = torch.randn(2, 3, 224, 224)
+    black = (-torch.tensor(cfg.mean) / torch.tensor(cfg.std)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        plain = m(x)
+        m.config = dataclasses.replace(cfg, frame_views=((0.0, False), (0.0, True)))
+        mirrored = m(x)
+        assert torch.allclose(mirrored["frame"], (head(x) + head(x.flip(-1))) / 2, atol=1e-6)
+        assert torch.equal(mirrored["seg"], plain["seg"])
+        m.config = dataclasses.replace(cfg, frame_views=((90.0, False),))
+        turned = m(x)["frame"]
+        assert torch.allclose(turned, head(torch.rot90(x, 1, (-2, -1))), atol=1e-5)
+        assert not torch.allclose(turned, head(torch.rot90(x, -1, (-2, -1))), atol=1e-3)
+        m.config = dataclasses.replace(cfg, frame_views=((45.0, False),))
+        # corners leave the frame: a uniform black input stays black, so the view changes nothing
+        dark = black.expand(1, 3, 224, 224)
+        assert torch.allclose(m(dark)["frame"], head(dark), atol=1e-5)
+        assert not torch.allclose(m(x)["frame"], plain["frame"], atol=1e-3)
+    trained = build_model(ModelConfig(heads=("seg", "frame"), frame_views=((0.0, False), (0.0, True)), **SMALL))
+    export_model(trained, tmp_path, {})
+    m2 = load_exported(tmp_path)
+    assert m2.config.frame_views == ((0.0, False), (0.0, True))
+    with torch.no_grad():
+        want = (m2.frame_head(x) + m2.frame_head(x.flip(-1))) / 2
+        assert torch.allclose(m2(x)["frame"], want, atol=1e-6)
 
 
 def test_load_exported_refuses_mismatches(tmp_path):

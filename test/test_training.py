@@ -147,10 +147,24 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
                         (["--heads", "cls", "--frame-steps", "10"], "it needs --heads with seg"),
                         (["--frame-steps", "-1"], "--frame-warmup and --frame-mask-weight must be >= 0"),
                         (["--frame-mask-weight", "-0.5"], "--frame-mask-weight must be >= 0"),
-                        (["--good-by", "frame"], "it needs --frame-steps > 0")):
+                        (["--good-by", "frame"], "it needs --frame-steps > 0"),
+                        (["--frame-views", "0,6"], "they need --frame-steps > 0"),
+                        (["--frame-steps", "5", "--frame-views", "0,six"], "'six' is not a rotation in degrees"),
+                        (["--frame-steps", "5", "--frame-views", "0,inf"], "the rotation must be finite"),
+                        (["--frame-steps", "5", "--frame-views", "0m,0m"], "repeats a view")):
         with pytest.raises(SystemExit):
             T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
         assert says in capsys.readouterr().err, extra
+
+
+def test_frame_views_are_parsed_from_rotations_with_m_for_mirrored(tmp_path):
+    assert T.parse_views("0, 6,-6.5,0m") == ((0.0, False), (6.0, False), (-6.5, False), (0.0, True))
+    assert T.parse_views([[0, False], [3, True]]) == ((0.0, False), (3.0, True))  # a preset's or args.json's list
+    args = T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert args.frame_views == ((0.0, False),) and T.model_config(args).frame_views == ((0.0, False),)
+    args = T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), "--frame-steps", "5",
+                         "--frame-views", "0,0m"])
+    assert T.model_config(args).frame_views == ((0.0, False), (0.0, True))
 
 
 def test_epoch_sampling_with_hard_negatives(tmp_path, capsys):
@@ -442,11 +456,13 @@ def test_frame_head_stage_trains_calibrates_exports_and_is_reused_on_resume(tiny
     # --good-by frame: the same head (loaded), and frames are good by its smoothed probability above the
     # F1-best cut of the validation frames, put back at their stack positions; the score cut stays beside it
     assert T.main([*common, "--out", str(out), "--resume", "--frame-steps", "20", "--frame-mask-weight", "1",
-                   "--good-by", "frame", "--mask-window", "1", "--ellipse-mask"]) == 0
+                   "--good-by", "frame", "--mask-window", "1", "--ellipse-mask", "--frame-views", "0,0m"]) == 0
     err = capsys.readouterr().err
-    assert "frame head: loaded" in err and "good by frame head >= " in err
+    assert "frame head: loaded" in err and "good by frame head >= " in err  # views do not retrain the head
     by_head = load_exported(out / "model")
     assert by_head.config.mask_window == 1 and by_head.config.ellipse_mask  # the mask settings are exported
+    # the head's views too; calibration below cut the frame probabilities those views give
+    assert by_head.config.frame_views == ((0.0, False), (0.0, True))
     assert torch.equal(by_head.frame_head[-2].weight, supervised.frame_head[-2].weight)
     cal = json.loads((out / "calibration.json").read_text())
     pred = T.predict_rows(by_head, cache, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any",

@@ -8,6 +8,7 @@ of it in ``geometry`` so an exported model rebuilds without the registry.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,10 @@ class ModelConfig:
         its training cases); None = off.
     geometry: the open_clip model config (embed_dim, vision_cfg, ...); None -> looked up
         from the registry by ``backbone`` (filled in on export).
+    frame_views: the views of each frame whose frame-head logits are averaged into its
+        probability, each (rotation in degrees, mirrored left-right), applied to the model
+        input about its centre (black beyond the frame): test-time augmentation of the frame
+        head (``heads.FetalIQAModel.frame_logits``); ((0.0, False),) = the frame alone.
     stem: how pixels become tokens. "patch": FetalCLIP's patch embedding (one patch_size x
         patch_size convolution; the only stem FetalCLIP weights exist for); "conv": early
         convolutions (``backbone.ConvStem``, same token grid; a power-of-2 patch size), for
@@ -154,6 +159,7 @@ class ModelConfig:
     frame_threshold: float | None = None
     geometry: dict[str, Any] | None = None
     stem: str = "patch"
+    frame_views: tuple[tuple[float, bool], ...] = ((0.0, False),)
 
     def __post_init__(self) -> None:
         self.heads = tuple(self.heads)
@@ -193,6 +199,13 @@ class ModelConfig:
             self.sweep_prior = tuple(float(w) for w in self.sweep_prior)
             if len(self.sweep_prior) != 6 or not all(w >= 0 for w in self.sweep_prior) or not max(self.sweep_prior) > 0:
                 raise ValueError(f"sweep_prior must be 6 non-negative weights, not all 0, got {self.sweep_prior!r}")
+        try:
+            self.frame_views = tuple((float(deg), mirror) for deg, mirror in self.frame_views)
+        except (TypeError, ValueError):
+            raise ValueError(f"frame_views must be (degrees, mirrored) pairs, got {self.frame_views!r}") from None
+        if not self.frame_views or not all(math.isfinite(d) and isinstance(m, bool) for d, m in self.frame_views):
+            raise ValueError(f"frame_views must be a non-empty list of (finite degrees, bool mirrored) pairs, "
+                             f"got {self.frame_views!r}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings.from_dict(self.lora)
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -252,6 +265,7 @@ class ModelConfig:
         d["lora"] = self.lora.to_dict()
         for k in ("heads", "taps", "mean", "std", "sweep_prior"):
             d[k] = None if d[k] is None else list(d[k])
+        d["frame_views"] = [list(v) for v in self.frame_views]
         return d
 
     @classmethod

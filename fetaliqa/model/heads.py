@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -81,8 +82,26 @@ class FetalIQAModel(nn.Module):
         if self.cls_head is not None:
             out["cls"] = self.cls_head(enc["pooled"]).squeeze(-1)
         if self.frame_head is not None:
-            out["frame"] = self.frame_head(x)
+            out["frame"] = self.frame_logits(x)
         return out
+
+    def frame_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) frame-head logits, averaged over ``config.frame_views`` of x (normalised input):
+        each view rotated about the centre and/or mirrored left-right, bilinear, black (the
+        normalised value of pixel 0) where the view leaves the frame."""
+        logits = []
+        black = (-torch.tensor(self.config.mean, dtype=x.dtype, device=x.device)
+                 / torch.tensor(self.config.std, dtype=x.dtype, device=x.device)).view(1, -1, 1, 1)
+        for deg, mirror in self.config.frame_views:
+            v = x.flip(-1) if mirror else x
+            if deg:
+                a = math.radians(deg)
+                theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]],
+                                     dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
+                grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+                v = F.grid_sample(v - black, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + black
+            logits.append(self.frame_head(v))
+        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads_forward(self.encode(x), x)
