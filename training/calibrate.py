@@ -234,13 +234,25 @@ def threshold_policy(config, th: dict, selection: dict | None = None):
 
 
 def choose_by_case_score(cal: dict, checks: dict) -> float:
-    """The grid's pixel threshold with the best mean challenge score over the checked cases
-    (``checks``: ``case_check`` results under the names ``grid_name(t)``); ties keep the
-    calibration's own choice, then the value nearest 0.5."""
-    def key(g):
-        t = g["pixel_threshold"]
-        return round(checks[grid_name(t)]["score"], 6), t == cal["pixel_threshold"], -abs(t - 0.5)
-    return max((g for g in cal["grid"] if grid_name(g["pixel_threshold"]) in checks), key=key)["pixel_threshold"]
+    """The grid's pixel threshold for the checked cases' challenge score (``checks``:
+    ``case_check`` results under the names ``grid_name(t)``; grid values not checked are
+    skipped), by the one-standard-error rule: 29 validation cases rank neighbouring thresholds
+    by noise, so the best mean score only sets the bar. A threshold whose per-case scores fall
+    short of the best one's by at most one standard error of those paired differences is as
+    good on these cases, and of those the one nearest the published 0.5 is taken (equally near:
+    the higher mean). Results without per-case scores count as equal only when their means are."""
+    checked = [g["pixel_threshold"] for g in cal["grid"] if grid_name(g["pixel_threshold"]) in checks]
+    mean = {t: round(checks[grid_name(t)]["score"], 6) for t in checked}
+    best = max(checked, key=lambda t: (mean[t], -abs(t - 0.5)))
+
+    def as_good(t: float) -> bool:
+        a, b = checks[grid_name(t)].get("per_case"), checks[grid_name(best)].get("per_case")
+        if a is None or b is None or len(a) != len(b) or len(a) < 2:
+            return mean[t] == mean[best]
+        d = np.asarray(b, float) - np.asarray(a, float)
+        return d.mean() <= d.std(ddof=1) / np.sqrt(len(d)) + 1e-12
+
+    return min((t for t in checked if as_good(t)), key=lambda t: (abs(t - 0.5), -mean[t]))
 
 
 def grid_name(t: float) -> str:
@@ -263,7 +275,8 @@ def case_check(model: torch.nn.Module, records: list, policies: dict, *, device,
     """Whole validation cases scored with the challenge metrics under each of ``policies``
     (name -> ModelConfig, as ``threshold_policy`` builds them): one exhaustive model pass per case (as
     ``analyse_stack``), every policy replayed on it. -> name -> mean wfss, dice, dice_soft,
-    nae_ac, score, with "cases" and "seconds" (the whole check)."""
+    nae_ac, score, with "cases", "seconds" (the whole check) and "per_case" (each case's score,
+    in ``records`` order)."""
     from fetaliqa.metrics import aggregate, score_case
     from fetaliqa.pipeline import FrameScorer, ReplayScorer, conclude, frames_with_signal
 
@@ -289,4 +302,5 @@ def case_check(model: torch.nn.Module, records: list, policies: dict, *, device,
         agg = aggregate(sc)
         results[name] = {k: agg[k]["mean"] for k in ("wfss", "dice", "dice_soft", "nae_ac", "score")}
         results[name]["cases"], results[name]["seconds"] = len(records), round(time.time() - t0, 1)
+        results[name]["per_case"] = [float(c.score) for c in sc]
     return results

@@ -182,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the quality score still ranks frames for the case's choice); or the area rule alone")
     s.add_argument("--pixel-threshold-by", choices=["frames", "case-score"], default="frames",
                    help="frames: chosen on the validation frames (best pooled mask Dice with --good-by score, "
-                        "best frame F1 with --good-by area); case-score: the grid value with the best mean "
-                        "challenge score over the --case-check cases (each with its own area and score cuts)")
+                        "best frame F1 with --good-by area); case-score: by the mean challenge score over the "
+                        "--case-check cases (each grid value with its own area and score cuts), the one-standard-"
+                        "error rule: of the values within one standard error (paired, per case) of the best, the "
+                        "nearest the published 0.5")
     f = p.add_argument_group("frame head (encoders trained from scratch; training/frame_head.py)")
     f.add_argument("--frame-steps", type=int, default=0,
                    help="after the SEG head, fit a small convolutional frame classifier (FrameHead) for this "
@@ -926,7 +928,9 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
                      "hard_neg_frac": args.hard_neg_frac, "run_seed": args.run_seed,
                      "augment": not args.no_augment, "preset": args.preset, "frame_head": frame_head},
         "validation": {**{k: v for k, v in best["summary"].items() if isinstance(v, (int, float))},
-                       "calibration": {k: v for k, v in cal.items() if k != "grid"}, "case_check": checks},
+                       "calibration": {k: v for k, v in cal.items() if k != "grid"},
+                       "case_check": {name: {k: v for k, v in c.items() if k != "per_case"}  # those: calibration.json
+                                      for name, c in checks.items()}},
         "git_commit": git_commit(),
         **json.loads(args.provenance),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
