@@ -104,7 +104,7 @@ class Analysis:
 def resolve_search(search: str, config, device: str | torch.device) -> str:
     """The search that runs for ``search`` with a model of ``config`` on ``device``: "auto" is
     "exhaustive" on CUDA and for encoders narrower than ``AUTO_FAST_MIN_WIDTH`` (the embedded
-    default: 840 frames in about 12 s on 2 CPU cores, and on the held-out and development sets
+    default: 840 frames in about 13 s on 2 CPU cores, and on the held-out and development sets
     a higher score than the fast search on four of five; docs/bench.md), "fast" for
     FetalCLIP-width encoders on the CPU (about 110 s per case instead of about 950 s). It
     depends on the model and the kind of device only, never on timing, so a machine's speed
