@@ -348,11 +348,13 @@ def load_model(folder: Path, origin: str, device: str):
 def default_batch_size(model, device: str) -> int:
     """16 on CUDA and for small models; 4 on the CPU for encoders of FetalCLIP's width, where
     batch 16 holds about 1.3 GB more activations (docs/bench.md) and the 3 GB budget is tight."""
+    from fetaliqa.pipeline import LARGE_ENCODER_WIDTH
+
     if device.startswith("cuda"):
         return 16
     cfg = getattr(model, "config", None)
     width = int(cfg.vision_cfg()["width"]) if cfg is not None else 0
-    return 4 if width >= 512 else 16
+    return 4 if width >= LARGE_ENCODER_WIDTH else 16
 
 
 def quantize_for_cpu(model, device: str):

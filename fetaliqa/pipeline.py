@@ -43,7 +43,9 @@ from .select import (best_of, choose_frame, coarse_frames, frame_decision, frame
                      sweep_candidates, sweep_length, window_weights)
 
 SEARCHES = ("auto", "exhaustive", "fast")
-AUTO_FAST_MIN_WIDTH = 512  # encoder width from which "auto" searches fast on the CPU (FetalCLIP: 1024)
+# encoders this wide or wider are FetalCLIP-size (1024; the embedded default: 128): "auto" searches
+# fast for them on the CPU, and inference.py gives them smaller CPU batches
+LARGE_ENCODER_WIDTH = 512
 SEG_STATS = ("area", "mean_fg", "peak", "shape")  # per-frame SEG statistics (select.frame_stats)
 
 
@@ -103,7 +105,7 @@ class Analysis:
 
 def resolve_search(search: str, config, device: str | torch.device) -> str:
     """The search that runs for ``search`` with a model of ``config`` on ``device``: "auto" is
-    "exhaustive" on CUDA and for encoders narrower than ``AUTO_FAST_MIN_WIDTH`` (the embedded
+    "exhaustive" on CUDA and for encoders narrower than ``LARGE_ENCODER_WIDTH`` (the embedded
     default: 840 frames in about 13 s on 2 CPU cores, and on the held-out and development sets
     a higher score than the fast search on four of five; docs/bench.md), "fast" for
     FetalCLIP-width encoders on the CPU (about 110 s per case instead of about 950 s). It
@@ -115,7 +117,7 @@ def resolve_search(search: str, config, device: str | torch.device) -> str:
         return search
     if torch.device(device).type == "cuda":
         return "exhaustive"
-    return "fast" if int(config.vision_cfg()["width"]) >= AUTO_FAST_MIN_WIDTH else "exhaustive"
+    return "fast" if int(config.vision_cfg()["width"]) >= LARGE_ENCODER_WIDTH else "exhaustive"
 
 
 class FrameScorer:

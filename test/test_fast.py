@@ -64,7 +64,7 @@ def test_auto_search_is_exhaustive_for_small_models_and_on_cuda_fast_for_wide_on
 
     small = ModelConfig(backbone="fetalclip-small")  # width 128, the embedded default's geometry
     wide = ModelConfig(backbone="FetalCLIP")  # FetalCLIP's ViT-L/14, width 1024 (config only, no weights)
-    assert small.vision_cfg()["width"] < pipeline.AUTO_FAST_MIN_WIDTH <= wide.vision_cfg()["width"]
+    assert small.vision_cfg()["width"] < pipeline.LARGE_ENCODER_WIDTH <= wide.vision_cfg()["width"]
     assert resolve_search("auto", small, "cpu") == "exhaustive"
     assert resolve_search("auto", wide, "cpu") == "fast"
     assert resolve_search("auto", wide, torch.device("cuda:1")) == "exhaustive"
@@ -78,7 +78,7 @@ def test_auto_search_is_exhaustive_for_small_models_and_on_cuda_fast_for_wide_on
     auto = analyse_stack(st, model, batch_size=8, search="auto", progress=False)
     assert ex.search == auto.search == "exhaustive" and auto.frame == ex.frame == peak
     assert np.array_equal(np.isfinite(auto.scores), np.isfinite(ex.scores))
-    monkeypatch.setattr(pipeline, "AUTO_FAST_MIN_WIDTH", 128)  # this model now counts as wide
+    monkeypatch.setattr(pipeline, "LARGE_ENCODER_WIDTH", 128)  # this model now counts as wide
     fa = analyse_stack(st, model, batch_size=8, search="fast", progress=False)
     auto = analyse_stack(st, model, batch_size=8, search="auto", progress=False)
     assert fa.search == auto.search == "fast"

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--frame-mask-weight", type=float, default=0.0,
                    help="deep supervision of the frame head: this weight x a per-cell BCE of its stem's 7x7 (at "
                         "112) cells against the label mask's coverage (0: the frame label alone)")
-    f.add_argument("--frame-views", default="0",
+    f.add_argument("--frame-views", type=_views_arg, default="0",
                    help="test-time augmentation of the frame head, in calibration and in the container (stored "
                         "in the model): its logits averaged over these views of each frame, comma-separated "
                         "rotations in degrees, 'm' for mirrored left-right (e.g. 0,6,-6,0m; 0: the frame alone)")
@@ -241,10 +241,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--shape-power must be >= 0, got {args.shape_power}")
     if args.mask_window < 0:
         parser.error(f"--mask-window must be >= 0, got {args.mask_window}")
-    try:
-        args.frame_views = parse_views(args.frame_views)
-    except ValueError as err:
-        parser.error(f"--frame-views: {err}")
     if args.frame_views != ((0.0, False),) and not args.frame_steps:
         parser.error("--frame-views are views for the frame head: they need --frame-steps > 0")
     if args.window_frames_per_sweep < 0:
@@ -275,6 +271,14 @@ def parse_views(text: str | list) -> tuple[tuple[float, bool], ...]:
     if len(set(views)) != len(views):
         raise ValueError(f"{text!r} repeats a view")
     return tuple(views)
+
+
+def _views_arg(text: str) -> tuple[tuple[float, bool], ...]:
+    """argparse's type for --frame-views (applied to string defaults and presets too)."""
+    try:
+        return parse_views(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -357,7 +361,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         geo = json.loads(json.dumps(cfg.open_clip_config()))  # a copy: the registry stays untouched
         geo["vision_cfg"].update(image_size=size, patch_size=patch)
         cfg = dataclasses.replace(cfg, image_size=size, geometry=geo)
-    return dataclasses.replace(cfg, stem=args.stem, frame_views=parse_views(args.frame_views))
+    return dataclasses.replace(cfg, stem=args.stem, frame_views=args.frame_views)
 
 
 def make_model(args: argparse.Namespace) -> torch.nn.Module:
