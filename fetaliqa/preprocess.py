@@ -28,11 +28,21 @@ def pad_resize(frames: torch.Tensor, size: int = 224, mode: str = "bicubic") -> 
     """(B, rows, cols) uint8/float grey frames -> (B, size, size) float32 in 0..255.
 
     Bicubic with antialiasing (as PIL's resize that CLIP preprocessing uses), clamped to
-    0..255 because bicubic overshoots.
+    0..255 because bicubic overshoots. The antialiased modes resize the columns first, on the
+    frame's own rows (the padding rows are zeros and stay zeros), and then the rows of the
+    padded height: the values of resizing the padded square in one call, bit for bit on the
+    CPU (test_preprocess), for about three quarters of the work on a 562x744 frame.
     """
-    x = F.pad(frames.float()[:, None], _pads(*frames.shape[-2:]))
-    aa = mode in ("bilinear", "bicubic")
-    x = F.interpolate(x, size=(size, size), mode=mode, antialias=aa, **({"align_corners": False} if aa else {}))
+    rows = frames.shape[-2]
+    left, right, top, bottom = _pads(*frames.shape[-2:])
+    x = frames.float()[:, None]
+    if mode not in ("bilinear", "bicubic"):
+        x = F.interpolate(F.pad(x, (left, right, top, bottom)), size=(size, size), mode=mode)
+        return x[:, 0].clamp_(0.0, 255.0)
+    x = F.interpolate(F.pad(x, (left, right, 0, 0)), size=(rows, size), mode=mode, antialias=True,
+                      align_corners=False)
+    x = F.interpolate(F.pad(x, (0, 0, top, bottom)), size=(size, size), mode=mode, antialias=True,
+                      align_corners=False)
     return x[:, 0].clamp_(0.0, 255.0)
 
 

@@ -27,7 +27,7 @@ from training.augment import AugmentConfig, augment_batch  # noqa: E402
 from training.cache import CacheConfig, FrameCache, build_cache  # noqa: E402
 from training.calibrate import (best_area_cut, best_cut, calibrate_score_threshold, case_frame_decision,  # noqa: E402
                                 case_scores)
-from training.data import DataError, frame_labels, load_case, read_release  # noqa: E402
+from training.data import DataError, frame_labels, load_case, load_sweeps, read_release  # noqa: E402
 from training.splits import Split, make_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +68,17 @@ def test_reader_and_errors(tiny, tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(m), str(bad2 / "masks/stacked_fetal_abdomen/case000.mha"))
     with pytest.raises(DataError, match="unknown labels"):
         load_case(read_release(bad2)[0])
+    # one stray value in one pixel of one sweep, and a negative one in a signed mask: both named,
+    # by the whole-stack reader and by the per-sweep one
+    m = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny / "masks/stacked_fetal_abdomen/case001.mha")))
+    m = m.astype(np.int16)
+    m[5, 10, 10], m[6, 0, 0] = 7, -1
+    sitk.WriteImage(sitk.GetImageFromArray(m), str(bad2 / "masks/stacked_fetal_abdomen/case001.mha"))
+    rec = read_release(bad2)[1]
+    for read in (lambda: load_case(rec), lambda: load_sweeps(rec, [1])):
+        with pytest.raises(DataError, match=r"unknown labels \[-1, 7\]"):
+            read()
+    load_sweeps(rec, [0, 2])  # the sweeps without the stray values read
 
 
 def test_split_groups_subjects(tmp_path):
