@@ -44,6 +44,17 @@ def test_pad_resize_equals_resizing_the_padded_square():
             assert torch.equal(got, want), (shape, size, mode, (got - want).abs().max())
 
 
+def test_masks_to_square_same_for_uint8_and_wider_dtypes():
+    """uint8 masks skip the float copy; the labels land where a float resize puts them."""
+    g = torch.Generator().manual_seed(1)
+    for shape, size in (((3, 562, 744), 112), ((2, 101, 60), 224), ((2, 33, 70), 16)):
+        m = torch.randint(0, 3, shape, dtype=torch.uint8, generator=g)
+        got = masks_to_square(m, size)
+        assert got.dtype == torch.uint8 and got.shape == (shape[0], size, size)
+        assert torch.equal(got.long(), masks_to_square(m.long(), size))
+        assert torch.equal(masks_to_square(m.bool(), size), got.bool())
+
+
 def test_normalize_is_clip_normalisation_gray_to_3():
     x = torch.tensor([[[0.0, 255.0]]])
     y = normalize(x)
