@@ -163,7 +163,7 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
                         (["--frame-steps", "5", "--frame-views", "0,six"], "'six' is not a rotation in degrees"),
                         (["--frame-steps", "5", "--frame-views", "0,inf"], "the rotation must be finite"),
                         (["--frame-steps", "5", "--frame-views", "0m,0m"], "repeats a view"),
-                        (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1")):
+                        (["--batch-size", "0"], "--batch-size must be >= 1")):
         with pytest.raises(SystemExit):
             T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
         assert says in capsys.readouterr().err, extra

@@ -134,9 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--loss", choices=["dice", "dice_bce"], default="dice", help="SEG loss (CLS: BCE)")
     o.add_argument("--epochs", type=int, default=5)
     o.add_argument("--batch-size", type=int, default=32, help="frames per micro-batch per process")
-    o.add_argument("--eval-batch-size", type=int, default=64,
-                   help="frames per forward pass in validation and calibration (no gradients: may exceed the "
-                        "training batch)")
     o.add_argument("--accum", type=int, default=1, help="micro-batches per optimiser step")
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--weight-decay", type=float, default=0.01)
@@ -235,8 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--hard-neg-frac chooses among sampled negatives: it needs --neg-ratio >= 0")
     if args.frame_steps < 0 or args.frame_batch_size < 1 or args.frame_warmup < 0 or not args.frame_mask_weight >= 0:
         parser.error("--frame-steps, --frame-warmup and --frame-mask-weight must be >= 0, --frame-batch-size >= 1")
-    if args.batch_size < 1 or args.eval_batch_size < 1:
-        parser.error("--batch-size and --eval-batch-size must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     heads = [h.strip() for h in args.heads.split(",")]
     if "frame" in heads:
         parser.error("--heads: the frame head is not trained with the others; add it with --frame-steps")
@@ -846,7 +843,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
             break
         # validation on rank 0 (the whole val split; other ranks wait)
         if is_main and ((epoch + 1) % max(1, args.val_every) == 0 or epoch + 1 == args.epochs):
-            pred = predict_rows(model, cache, val_rows, device=device, batch_size=args.eval_batch_size, amp=amp,
+            pred = predict_rows(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                                 policy=args.label_policy, progress=args.progress)
             summ = summarise_validation(pred, cfg, cache.size)
             value = selection_value(summ, args.select_metric)
@@ -899,7 +896,7 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
     selection = {"choose_from": args.choose_from, "shape_power": args.shape_power, "sweep_prior": prior,
                  "window_frames_per_sweep": args.window_frames_per_sweep or None, "mask_window": args.mask_window,
                  "ellipse_mask": args.ellipse_mask}
-    cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.eval_batch_size, amp=amp,
+    cal = calibrate_model(model, cache, val_rows, device=device, batch_size=args.batch_size, amp=amp,
                           policy=args.label_policy, progress=args.progress,
                           selection=selection if args.good_by in ("score", "frame") else None,
                           by_frame_head=args.good_by == "frame")
