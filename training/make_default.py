@@ -1,6 +1,6 @@
 """Rebuild the embedded default model from scratch: simulate -> cache -> train -> calibrate -> export.
 
-    python -m training.make_default            # writes resources/model/ (25 min on 2 quiet AVX-512 cores)
+    python -m training.make_default            # writes resources/model/ (25-38 min on 2 quiet AVX-512 cores)
 
 Training cases are `fetaliqa.simulate.case_seed(SEED, i)` for i < CASES (default seed 1000);
 evaluation uses another seed (`python -m training.evaluate --seed 2026`), and the exported
