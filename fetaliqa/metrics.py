@@ -7,8 +7,8 @@ quirk that decided a number:
 
 - ``dice_inf_empty``: GT and prediction both empty on the scored frame -> Dice = +inf (ITK's
   0/0), which makes the team's mean Dice and score infinite;
-- ``frame_minus1_last_gt``: frame -1 is scored (Dice, Hausdorff) against GT frame F-1
-  (``stack[-1]``) with an empty prediction;
+- ``frame_minus1_last_gt``: frame -1 is scored (Dice) against GT frame F-1 (``stack[-1]``) with
+  an empty prediction;
 - ``soft_earlier_side``: soft Dice took the nearest annotated frame *before* f although one after
   f was as close or closer;
 - ``spacing_ignored``: the image spacing differs from the constant 0.28 mm the evaluator uses;
@@ -25,7 +25,12 @@ the mask's whole boundary outside the fan-edge zone.
 
 Only the chosen frame, the +-15 frame soft-Dice window and one per-frame max over the GT volume are
 touched, so a full (840, 562, 744) case scores in well under a second (the official code takes
-about 10 s). Hausdorff is in pixels (the evaluator builds ITK images without spacing).
+about 10 s). Hausdorff is in pixels (the evaluator builds ITK images without spacing) and, like
+the evaluator's, not ranked; its official value follows the evaluator's own rules, not flagged:
+an empty prediction (frame -1 included) gives 744 x 15 = 11160; an empty GT frame under a
+non-empty prediction gives the distance to the soft Dice's GT frame n (unmasked) times the signed
+offset n - f (negative when n lies before f), or 11160 when the window holds none.
+``corrected`` gives nan wherever a side is empty.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from fetaliqa.measure import (PIXEL_SPACING_MM, measurement_fov, misread, offici
                               uncut_circumference_mm)
 
 SOFT_WINDOW = 15  # frames searched on each side for the soft Dice
+# the evaluator's Hausdorff when it has nothing to compare: "maximum sweep width (744) scaled by the
+# frame tolerance", whatever the frame's width
+OFFICIAL_EMPTY_HAUSDORFF = 744 * SOFT_WINDOW
 SUBOPTIMAL_WEIGHT = 0.6
 MODES = ("official", "corrected")
 METRICS = ("wfss", "dice", "dice_soft", "nae_ac", "hausdorff")
@@ -49,8 +57,8 @@ METRICS = ("wfss", "dice", "dice_soft", "nae_ac", "hausdorff")
 
 @dataclass
 class CaseScore:
-    """Scores of one case. ``frame``: 0-based, -1 = none. ``hausdorff`` in pixels (inf/nan when a
-    side is empty). ``ac_*_mm``: None when unmeasurable / no reference for that sweep.
+    """Scores of one case. ``frame``: 0-based, -1 = none. ``hausdorff`` in pixels (the evaluator's
+    stand-ins when a side is empty, module docstring; nan in ``corrected`` mode). ``ac_*_mm``: None when unmeasurable / no reference for that sweep.
     ``soft_frame``: GT frame the soft Dice compared against (None: none searched or found)."""
 
     frame: int
@@ -224,10 +232,8 @@ def score_case(gt: np.ndarray, ac_ref_mm: Sequence[float | None], frame: int, pr
         flags.append("frame_minus1_last_gt")
     if frame == -1 and mode == "corrected":
         d = 1.0 if not np.any(summary.frame_max) else 0.0
-        hd = math.nan
     else:
         d = dice(g, p, empty=math.inf if mode == "official" else 1.0)
-        hd = hausdorff_px(g, p, empty=math.inf if mode == "official" else math.nan)
         if math.isinf(d):
             flags.append("dice_inf_empty")
 
@@ -241,6 +247,15 @@ def score_case(gt: np.ndarray, ac_ref_mm: Sequence[float | None], frame: int, pr
             d_soft = dice(gt[soft_frame], p) * (1 - abs(soft_frame - frame) / SOFT_WINDOW)
             if quirk:
                 flags.append("soft_earlier_side")
+
+    if mode == "corrected":
+        hd = math.nan if frame == -1 else hausdorff_px(g, p, empty=math.nan)
+    elif g.any() and p.any():
+        hd = hausdorff_px(g, p)
+    elif p.any() and soft_frame is not None:  # GT empty on f: the soft Dice's frame, times the signed offset
+        hd = hausdorff_px(gt[soft_frame], p) * (soft_frame - frame)
+    else:
+        hd = float(OFFICIAL_EMPTY_HAUSDORFF)
 
     return CaseScore(frame=frame, wfss=wfss(summary, None if frame < 0 else gt_frame, frame), dice=d,
                      dice_soft=d_soft, nae_ac=float(nae), hausdorff=hd, ac_pred_mm=ac_pred,

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 
 from fetaliqa.measure import official_circumference_mm
 from fetaliqa.metrics import (
-    CaseScore, aggregate, challenge_score, dice, frame_metrics, hausdorff_px, score_case, summarise_gt,
+    OFFICIAL_EMPTY_HAUSDORFF, CaseScore, aggregate, challenge_score, dice, frame_metrics, hausdorff_px, score_case,
+    summarise_gt,
 )
 
 R, C, FPS = 40, 50, 20  # tiny frames; 2 sweeps of 20 frames unless said otherwise
@@ -159,13 +160,30 @@ def test_soft_dice_uses_unmasked_gt_and_masked_pred():
 def test_empty_vs_empty_is_inf_and_propagates():
     gt = volume(f3=(1, square(10, 10, 10)))
     s = score_case(gt, [None] * 2, 10, np.zeros((R, C)), frames_per_sweep=FPS)
-    assert s.dice == math.inf and s.dice_soft == math.inf and s.hausdorff == math.inf
+    assert s.dice == math.inf and s.dice_soft == math.inf and s.hausdorff == OFFICIAL_EMPTY_HAUSDORFF == 744 * 15
     assert s.flags == ["dice_inf_empty"]
     agg = aggregate([s, score_case(gt, [None] * 2, 3, square(10, 10, 10), frames_per_sweep=FPS)])
     assert agg["dice"]["mean"] == math.inf and agg["score"]["mean"] == math.inf
     assert agg["flags"] == {"dice_inf_empty": 1}
     c = score_case(gt, [None] * 2, 10, np.zeros((R, C)), frames_per_sweep=FPS, mode="corrected")
     assert c.dice == 1.0 and math.isnan(c.hausdorff) and c.flags == []
+
+
+def test_official_hausdorff_stand_ins():
+    # the evaluator's own rules where a side is empty (not ranked, not flagged)
+    gt = volume(f2=(1, square(10, 10, 10)), f6=(1, square(10, 15, 10)))
+    assert score_case(gt, [None] * 2, 2, np.zeros((R, C)), frames_per_sweep=FPS).hausdorff == 11160.0
+    # GT empty on f=5, prediction two columns right of f2's square: HD 2 to the soft frame 2, times 2 - 5
+    s = score_case(gt, [None] * 2, 5, square(10, 12, 10), frames_per_sweep=FPS)
+    assert s.soft_frame == 2 and s.hausdorff == pytest.approx(2.0 * (2 - 5))
+    # the soft frame after f: positive offset; 1 row down -> HD 1
+    s = score_case(volume(f6=(1, square(10, 10, 10))), [None] * 2, 5, square(11, 10, 10), frames_per_sweep=FPS)
+    assert s.soft_frame == 6 and s.hausdorff == pytest.approx(1.0)
+    # no annotated frame within the window
+    assert score_case(gt, [None] * 2, 30, square(10, 10, 10), frames_per_sweep=FPS).hausdorff == 11160.0
+    assert score_case(gt, [None] * 2, -1, np.ones((2 * FPS, R, C), np.uint8), frames_per_sweep=FPS).hausdorff == 11160.0
+    c = score_case(gt, [None] * 2, 5, square(10, 12, 10), frames_per_sweep=FPS, mode="corrected")
+    assert math.isnan(c.hausdorff)
 
 
 def test_frame_minus1_scored_against_last_frame():
