@@ -11,10 +11,13 @@ A team DIR holds ``<uuid>/images/fetal-abdomen-segmentation/<one>.mha`` and
 (a list of jobs: ``pk``, ``inputs`` naming the input image, ``outputs`` with each socket's
 ``relative_path``) beside ``<pk>/output/...`` folders.
 
-REPORT gets ``per_case.csv``, ``leaderboard.csv``, ``leaderboard.md``, ``<team>/metrics.json``
-(grand-challenge format ``{"case": {...}, "aggregates": {...}}``) and PNG plots. Outputs that break
-the contract (the evaluator would have failed the whole submission) are listed per case with the
-reason; that team's remaining cases and the other teams are still scored.
+REPORT gets ``per_case.csv``, ``leaderboard.csv``, ``leaderboard.md``, ``summary.json``,
+``<team>/metrics.json`` (grand-challenge format ``{"case": {...}, "aggregates": {...}}``) and PNG
+plots; the JSON files are strict JSON, an infinite or undefined number written as the string
+``"inf"``, ``"-inf"`` or ``"nan"``. Outputs that break the contract (the evaluator would have failed
+the whole submission) are listed per case with the reason; that team's remaining cases are still
+scored, but it is ranked after every team without a violation (on grand-challenge it would have
+no score at all). Outputs for uuids the GT does not hold are listed and not scored.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from fetaliqa.metrics import METRICS, aggregate, score_case, summarise_gt
 SEG_SLUG, FRAME_SLUG, INPUT_SLUG = "fetal-abdomen-segmentation", "fetal-abdomen-frame-number", "stacked-fetal-ultrasound"
 SEG_REL, FRAME_REL = "images/fetal-abdomen-segmentation", "fetal-abdomen-frame-number.json"
 IMAGE_SUFFIXES = (".mha", ".tif", ".tiff")
+EVALUATOR_SUFFIXES = (".mha", ".tiff")  # what the evaluator globs for (``*.mha``, ``*.tiff``; case-sensitive)
 N_SWEEPS = 6
 CSV_COLUMNS = ["team", "case", "frame", *METRICS, "ac_pred_mm", "ac_ref_mm", "score", "soft_frame", "flags",
                "violation"]
@@ -141,14 +145,16 @@ def load_team_case(tc: TeamCase, gt_shape: tuple[int, ...]) -> tuple[int, np.nda
     files = sorted(p for p in tc.seg_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
         if tc.seg_dir and tc.seg_dir.is_dir() else []
     if len(files) != 1:
-        raise Violation(f"expected exactly one .mha/.tif in {SEG_REL}, found {len(files)}")
+        raise Violation(f"expected exactly one .mha/.tiff in {SEG_REL}, found {len(files)}")
+    if files[0].suffix not in EVALUATOR_SUFFIXES:
+        raise Violation(f"{files[0].name}: the evaluator reads only *.mha and *.tiff files")
     if tc.frame_path and tc.frame_path.is_file():
         try:
             frame = json.loads(tc.frame_path.read_text())
         except json.JSONDecodeError as exc:
             raise Violation(f"{FRAME_REL} is not valid JSON: {exc}") from None
-    elif tc.frame_value is not None:
-        frame = json.loads(tc.frame_value) if isinstance(tc.frame_value, str) else tc.frame_value
+    elif tc.frame_value is not None:  # the job's JSON value itself: a string stays a string
+        frame = tc.frame_value
     else:
         raise Violation(f"missing {FRAME_REL}")
     if isinstance(frame, bool) or not isinstance(frame, int):
@@ -258,30 +264,45 @@ def write_reports(rows: list[dict], teams: list[str], out: Path, n_boot: int, se
         ok = [r for r in by_team[t] if not r["violation"]]
         agg = _aggregate_rows(ok)
         (out / t).mkdir(exist_ok=True)
-        (out / t / "metrics.json").write_text(json.dumps(
+        (out / t / "metrics.json").write_text(_strict_json(
             {"case": {r["case"]: {k: r.get(k) for k in ("frame", *METRICS, "ac_pred_mm", "ac_ref_mm", "score",
                                                          "flags", "violation")} for r in by_team[t]},
-             "aggregates": agg}, indent=2))
-        board.append({"team": t, "n_scored": len(ok), "n_violations": len(by_team[t]) - len(ok),
+             "aggregates": agg}))
+        n_bad = sum(1 for r in by_team[t] if r["violation"] and not r.get("extra"))
+        board.append({"team": t, "n_scored": len(ok), "n_violations": n_bad,
+                      "n_extra": sum(1 for r in by_team[t] if r.get("extra")),
                       "n_flagged": sum(1 for r in ok if r.get("flags")), **{
                           f"{m}_{s}": agg[m][s] for m in (*METRICS, "score") for s in ("mean", "std")}})
 
-    # bootstrap and permutation tests, paired: over the cases that every team with any scored case
-    # has scored (a team with none is left out and ranked last)
-    ranked = [t for t in teams if any(not r["violation"] for r in by_team[t])]
-    common = sorted(set.intersection(*[{r["case"] for r in by_team[t] if not r["violation"]} for t in ranked])) \
-        if ranked else []
-    lookup = {(r["team"], r["case"]): _num(r, "score") for r in rows if not r["violation"]}
-    s_mat = np.array([[lookup[(t, c)] for c in common] for t in ranked]).reshape(len(ranked), len(common))
+    # Ranked, with paired bootstrap and permutation tests: the teams without a contract violation
+    # (the ones grand-challenge would score), over all cases. Only when no team is free of them,
+    # every team with a scored case, over the cases all of them scored. The others follow, on the
+    # mean of the cases they scored (CI from those cases alone, no rank frequencies); a team
+    # without any scored case comes last.
+    scored = {t: {r["case"]: _num(r, "score") for r in by_team[t] if not r["violation"]} for t in teams}
+    ranked = [b["team"] for b in board if b["n_scored"] and not b["n_violations"]]
+    all_failing = not ranked
+    if all_failing:
+        ranked = [t for t in teams if scored[t]]
+    common = sorted(set.intersection(*[set(scored[t]) for t in ranked])) if ranked else []
+    s_mat = np.array([[scored[t][c] for c in common] for t in ranked]).reshape(len(ranked), len(common))
     boot = bootstrap(s_mat, n_boot, seed) if common else None
     for b in board:
-        i = ranked.index(b["team"]) if b["team"] in ranked else None
-        b["score_ci_low"] = float(boot["low"][i]) if boot and i is not None else math.nan
-        b["score_ci_high"] = float(boot["high"][i]) if boot and i is not None else math.nan
+        t = b["team"]
+        i = ranked.index(t) if t in ranked else None
+        own = None if i is not None or not scored[t] else bootstrap(
+            np.array([[scored[t][c] for c in sorted(scored[t])]]), n_boot, seed)
+        src, j = (boot, i) if i is not None else (own, 0)
+        b["score_ci_low"] = float(src["low"][j]) if src else math.nan
+        b["score_ci_high"] = float(src["high"][j]) if src else math.nan
         b["rank_freq"] = [float(x) for x in boot["rank_freq"][i]] if boot and i is not None else []
-    order = sorted(range(len(board)), key=lambda i: (-board[i]["score_mean"] if not math.isnan(board[i]["score_mean"])
-                                                     else math.inf))
-    board = [board[i] for i in order]
+        b["fails_submission"] = bool(b["n_violations"])
+
+    def order_key(b: dict) -> tuple:
+        group = 0 if b["team"] in ranked else 1 if b["n_scored"] else 2
+        return group, (-b["score_mean"] if not math.isnan(b["score_mean"]) else math.inf)
+
+    board = sorted(board, key=order_key)
     for rank, b in enumerate(board, 1):
         b["rank"] = rank
     tests = []
@@ -295,18 +316,32 @@ def write_reports(rows: list[dict], teams: list[str], out: Path, n_boot: int, se
 
     cols = ["rank", "team", "score_mean", "score_ci_low", "score_ci_high", *[f"{m}_{s}" for m in METRICS
                                                                                for s in ("mean", "std")],
-            "score_std", "n_scored", "n_violations", "n_flagged"]
+            "score_std", "n_scored", "n_violations", "fails_submission", "n_extra", "n_flagged"]
     with open(out / "leaderboard.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, cols + ["rank_freq"], extrasaction="ignore")
         w.writeheader()
         for b in board:
             w.writerow({**{k: _fmt(b[k], 6) for k in cols}, "rank_freq": " ".join(f"{x:.3f}" for x in b["rank_freq"])})
-    _write_markdown(out, board, tests, rows, n_boot, seed, len(common))
+    _write_markdown(out, board, tests, rows, n_boot, seed, len(common), all_failing)
     _plots(out, rows, [b["team"] for b in board])
-    (out / "summary.json").write_text(json.dumps({"leaderboard": board, "permutation_tests": tests,
-                                                  "bootstrap": {"resamples": n_boot, "seed": seed,
-                                                                "paired_cases": len(common)}}, indent=2))
+    (out / "summary.json").write_text(_strict_json({"leaderboard": board, "permutation_tests": tests,
+                                                    "bootstrap": {"resamples": n_boot, "seed": seed,
+                                                                  "paired_cases": len(common),
+                                                                  "paired_teams": ranked}}))
     return board
+
+
+def _strict_json(obj: Any) -> str:
+    """JSON without the non-standard Infinity/NaN tokens: non-finite floats become "inf"/"-inf"/"nan"."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -324,11 +359,20 @@ def _aggregate_rows(rows: list[dict]) -> dict:
 
 
 def _write_markdown(out: Path, board: list[dict], tests: list[dict], rows: list[dict], n_boot: int, seed: int,
-                    n_common: int) -> None:
+                    n_common: int, all_failing: bool) -> None:
+    failing = [b["team"] for b in board if b["fails_submission"]]
+    if all_failing:
+        who = (f"the {n_common} cases that every team with a scored case scored (paired; every team has a contract "
+               "violation, so all are ranked on the cases they scored)")
+    else:
+        who = f"the {n_common} cases, paired, for the teams without a contract violation"
     L = ["# ACOUSLIC-AI benchmark", "",
          "Score = 0.5 (1 - NAE_AC) + 0.25 soft Dice + 0.25 WFSS (means over cases); population std. "
-         f"95 % CI: {n_boot} case bootstrap resamples (seed {seed}) over the {n_common} cases that every team "
-         "with a scored case scored (paired).", "",
+         f"95 % CI: {n_boot} case bootstrap resamples (seed {seed}) over {who}."
+         + ("" if all_failing or not failing else
+            " A team with a contract violation would get no score on grand-challenge (the evaluation of its "
+            "whole submission fails): it is ranked after them, on the mean of the cases it did score, its CI "
+            "from those cases alone."), "",
          "| rank | team | score | 95 % CI | NAE_AC | Dice | soft Dice | WFSS | Hausdorff (px) | scored | violations | quirk-flagged |",
          "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in board:
@@ -343,12 +387,26 @@ def _write_markdown(out: Path, board: list[dict], tests: list[dict], rows: list[
     L += [f"| {b['team']} | " + " | ".join(f"{x:.3f}" for x in b["rank_freq"]) + " |" for b in board if b["rank_freq"]]
     L += ["", "## Paired permutation tests between neighbours", "", "| better | worse | mean diff | p |", "|---|---|---:|---:|"]
     L += [f"| {t['better']} | {t['worse']} | {_fmt(t['mean_diff'])} | {_fmt(t['p_value'])} |" for t in tests]
+    infinite = [b for b in board if math.isinf(b["score_mean"])]
+    if infinite:
+        L += ["", "## Infinite scores", "",
+              "The official Dice of an empty prediction on an empty GT frame is +inf (ITK's 0/0), and one such "
+              "case makes a team's mean Dice, soft Dice and score +inf: the official leaderboard would rank it "
+              "first. It happens for frame -1 (scored against the last GT frame, almost never annotated) and for "
+              "an empty mask on any unannotated frame (`dice_inf_empty` below; `--mode corrected` gives finite "
+              "numbers). Teams: " + ", ".join(
+                  f"{b['team']} ({sum(1 for r in rows if r['team'] == b['team'] and 'dice_inf_empty' in (r.get('flags') or ''))} cases)"
+                  for b in infinite) + "."]
     flagged = [r for r in rows if r.get("flags")]
     L += ["", "## Cases where a quirk of the official evaluation decided the number", ""]
     L += [f"- {r['team']} / {r['case']}: {r['flags']}" for r in flagged] or ["none"]
-    bad = [r for r in rows if r["violation"]]
+    bad = [r for r in rows if r["violation"] and not r.get("extra")]
     L += ["", "## Contract violations (the official evaluation would fail the whole submission)", ""]
     L += [f"- {r['team']} / {r['case']}: {r['violation']}" for r in bad] or ["none"]
+    extra = [r for r in rows if r.get("extra")]
+    if extra:
+        L += ["", "## Outputs for cases the ground truth does not hold (not scored)", ""]
+        L += [f"- {r['team']} / {r['case']}" for r in extra]
     L += ["", "![scores](score_distribution.png) ![Bland-Altman](bland_altman.png) ![WFSS](wfss_outcomes.png)", ""]
     (out / "leaderboard.md").write_text("\n".join(L))
 
@@ -395,7 +453,7 @@ def _plots(out: Path, rows: list[dict], teams: list[str]) -> None:
     cats = [("optimal (1)", lambda r: not r["violation"] and _num(r, "wfss") == 1.0),
             ("suboptimal (0.6)", lambda r: not r["violation"] and _num(r, "wfss") == 0.6),
             ("miss (0)", lambda r: not r["violation"] and _num(r, "wfss") == 0.0),
-            ("violation", lambda r: bool(r["violation"]))]
+            ("violation", lambda r: bool(r["violation"]) and not r.get("extra"))]
     bottom = np.zeros(len(teams))
     for name, pred in cats:
         counts = np.array([sum(1 for r in rows if r["team"] == t and pred(r)) for t in teams], float)
@@ -484,7 +542,7 @@ def run_benchmark(gt_root: Path, predictions: dict[str, Path], out: Path, *, wor
     teams = list(predictions)
     rows: list[dict] = []
     for t, cases in team_cases.items():  # outputs for cases the GT does not have
-        rows += [{"team": t, "case": u, "violation": "extra output: no ground-truth case with this uuid"}
+        rows += [{"team": t, "case": u, "violation": "extra output: no ground-truth case with this uuid", "extra": True}
                  for u in sorted(set(cases) - set(gt))]
     jobs = [(g, {t: team_cases[t].get(u) for t in teams}) for u, g in gt.items()]
     bar = tqdm(total=len(jobs), desc="cases", unit="case", disable=not progress, file=sys.stderr)
@@ -539,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for b in board:
         print(f"{b['rank']:>2}  {b['team']:<24} score {_fmt(b['score_mean'])}  "
-              f"[{_fmt(b['score_ci_low'], 3)}, {_fmt(b['score_ci_high'], 3)}]  violations {b['n_violations']}")
+              f"[{_fmt(b['score_ci_low'], 3)}, {_fmt(b['score_ci_high'], 3)}]  violations {b['n_violations']}"
+              + ("  (would fail on grand-challenge)" if b["fails_submission"] else ""))
     print(f"report: {args.out / 'leaderboard.md'}")
     return 0
 

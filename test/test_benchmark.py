@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fetaliqa.benchmark import bootstrap, discover_ground_truth, main, permutation_test
+from fetaliqa.benchmark import TeamCase, Violation, bootstrap, discover_ground_truth, load_team_case, main, permutation_test
 from fetaliqa.metrics import score_case
 
 F, R, C = 24, 40, 50  # 6 sweeps x 4 frames
@@ -87,7 +87,11 @@ def make_teams(root):
     vol[7] = disk(20, 25, 10) * 255
     write_output(broken / "case-c", 7, vol)
     write_output(broken / "case-zzz", 1, np.zeros((F, R, C), np.uint8))
-    return {"good": good, "weak": weak, "gc": gc, "broken": broken}
+    # partial team: the good output on case-a only, nothing for the others
+    vol = np.zeros((F, R, C), np.uint8)
+    vol[5] = gt_volume(0)[5] > 0
+    write_output(root / "partial" / "case-a", 5, vol)
+    return {"good": good, "weak": weak, "gc": gc, "broken": broken, "partial": root / "partial"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +116,7 @@ def read_csv(path):
 def test_per_case_rows_match_score_case(report):
     root, acs = report
     rows = read_csv(root / "report" / "per_case.csv")
-    assert {r["team"] for r in rows} == {"good", "weak", "gc", "broken"}
+    assert {r["team"] for r in rows} == {"good", "weak", "gc", "broken", "partial"}
     good = {r["case"]: r for r in rows if r["team"] == "good"}
     assert set(good) == set(UUIDS)
     for i, u in enumerate(UUIDS):
@@ -142,6 +146,25 @@ def test_violations_reported_with_reasons(report):
     assert broken["case-a"]["dice"] == ""
     md = (root / "report" / "leaderboard.md").read_text()
     assert "broken / case-b" in md and "Contract violations" in md
+    assert "not hold (not scored)\n\n- broken / case-zzz" in md
+
+
+def test_load_team_case_rejects_what_the_evaluator_cannot_read(tmp_path):
+    vol = np.zeros((F, R, C), np.uint8)
+    write_output(tmp_path / "ok", 5, vol)
+    seg = tmp_path / "ok" / "images" / "fetal-abdomen-segmentation"
+    assert load_team_case(TeamCase(seg, tmp_path / "ok" / "fetal-abdomen-frame-number.json"), vol.shape)[0] == 5
+    # a predictions.json job carrying the frame inline: a JSON string is not an integer
+    with pytest.raises(Violation, match="is a str"):
+        load_team_case(TeamCase(seg, None, "5"), vol.shape)
+    assert load_team_case(TeamCase(seg, None, 5), vol.shape)[0] == 5
+    # the evaluator globs *.mha and *.tiff only: a .tif (or .MHA) output is not found there
+    for name in ("output.tif", "output.MHA"):
+        write_output(tmp_path / name, 5, vol, seg_name=name.lower())  # SimpleITK will not write a .MHA
+        seg = tmp_path / name / "images" / "fetal-abdomen-segmentation"
+        (seg / name.lower()).rename(seg / name)
+        with pytest.raises(Violation, match=r"only \*\.mha and \*\.tiff"):
+            load_team_case(TeamCase(seg, None, 5), vol.shape)
 
 
 def test_leaderboard_bootstrap_and_files(report):
@@ -149,14 +172,21 @@ def test_leaderboard_bootstrap_and_files(report):
     out = root / "report"
     board = read_csv(out / "leaderboard.csv")
     assert [b["team"] for b in board][0] == "good"
-    assert [int(b["rank"]) for b in board] == [1, 2, 3, 4]
+    assert [int(b["rank"]) for b in board] == [1, 2, 3, 4, 5]
     for b in board[:3]:
         freq = [float(x) for x in b["rank_freq"].split()]
         assert len(freq) == 3 and sum(freq) == pytest.approx(1.0, abs=1e-3)
-    assert board[3]["team"] == "broken" and board[3]["rank_freq"] == "" and board[3]["score_ci_low"] == "nan"
+        assert b["fails_submission"] == "False"
+    # partial scores as high as good on its one case, but would fail on grand-challenge: after the valid teams
+    partial = board[3]
+    assert partial["team"] == "partial" and partial["fails_submission"] == "True" and partial["rank_freq"] == ""
+    assert partial["n_scored"] == "1" and partial["n_violations"] == "2"
+    assert float(partial["score_mean"]) > float(board[1]["score_mean"])
+    assert float(partial["score_ci_low"]) == float(partial["score_mean"]) == float(partial["score_ci_high"])
+    assert board[4]["team"] == "broken" and board[4]["rank_freq"] == "" and board[4]["score_ci_low"] == "nan"
     assert float(board[0]["score_ci_low"]) <= float(board[0]["score_mean"]) <= float(board[0]["score_ci_high"])
-    broken = next(b for b in board if b["team"] == "broken")
-    assert broken["n_violations"] == "4" and broken["n_scored"] == "0"
+    broken = board[4]
+    assert broken["n_violations"] == "3" and broken["n_extra"] == "1" and broken["n_scored"] == "0"
     m = json.loads((out / "good" / "metrics.json").read_text())
     assert set(m) == {"case", "aggregates"} and set(m["case"]) == set(UUIDS)
     assert m["aggregates"]["dice"]["mean"] == 1.0 and m["aggregates"]["wfss"]["mean"] == 1.0
@@ -164,6 +194,25 @@ def test_leaderboard_bootstrap_and_files(report):
         assert (out / png).stat().st_size > 5000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bootstrap"]["resamples"] == 1000 and len(summary["permutation_tests"]) == 2
+    assert summary["bootstrap"]["paired_cases"] == 3 and summary["bootstrap"]["paired_teams"] == ["good", "weak", "gc"]
+
+
+def test_infinite_scores_are_explained_and_json_stays_strict(tmp_path, capsys):
+    write_gt(tmp_path / "gt", "training")
+    for u in UUIDS:  # frame -1 and an empty volume: scored against the empty last GT frame -> Dice +inf
+        write_output(tmp_path / "none" / u, -1, np.zeros((F, R, C), np.uint8))
+    assert main(["--ground-truth", str(tmp_path / "gt"), "--out", str(tmp_path / "r"), "--bootstrap", "100",
+                 "--predictions", f"none={tmp_path / 'none'}"]) == 0
+    assert "none                     score inf" in capsys.readouterr().out
+    md = (tmp_path / "r" / "leaderboard.md").read_text()
+    assert "## Infinite scores" in md and "none (3 cases)" in md
+
+    def strict(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text(), parse_constant=strict)
+    assert summary["leaderboard"][0]["score_mean"] == "inf" and summary["leaderboard"][0]["hausdorff_mean"] == 11160.0
+    m = json.loads((tmp_path / "r" / "none" / "metrics.json").read_text(), parse_constant=strict)
+    assert m["aggregates"]["dice"]["mean"] == "inf" and m["case"]["case-a"]["wfss"] == 0.0
 
 
 def test_layouts_and_workers_agree(report):
