@@ -95,15 +95,16 @@ def _to_uint8_gray(src: np.ndarray, comps: int) -> tuple[np.ndarray, str]:
 
     frames = src.shape[0]
     lo, hi, integral = 0.0, 0.0, np.issubdtype(src.dtype, np.integer)
-    for i in range(0, frames, _CHUNK):
+    for i in range(0, frames, _CHUNK):  # the range of the finite values: one inf must not blacken the rest
         g = gray(src[i:i + _CHUNK])
+        g = g[np.isfinite(g)] if not integral else g
         if g.size:
-            lo, hi = min(lo, float(np.nanmin(g))), max(hi, float(np.nanmax(g)))
+            lo, hi = min(lo, float(g.min())), max(hi, float(g.max()))
     if src.dtype == np.uint8:
         scale, offset, how = 1.0, 0.0, ""
     elif lo >= 0 and hi <= 1 and not integral:
         scale, offset, how = 255.0, 0.0, "range 0..1 scaled by 255"
-    elif lo >= 0 and hi <= 255:
+    elif lo >= 0 and hi <= 255 and (integral or hi > 2):  # floats up to 2: normalised, overshooting
         scale, offset, how = 1.0, 0.0, "values already within 0..255"
     else:
         scale, offset = 255.0 / (hi - lo), lo
@@ -111,7 +112,7 @@ def _to_uint8_gray(src: np.ndarray, comps: int) -> tuple[np.ndarray, str]:
     out = np.empty(src.shape[:3], dtype=np.uint8)
     for i in range(0, frames, _CHUNK):
         g = (gray(src[i:i + _CHUNK]) - offset) * scale
-        out[i:i + _CHUNK] = np.clip(np.nan_to_num(np.rint(g), nan=0.0), 0, 255)
+        out[i:i + _CHUNK] = np.clip(np.nan_to_num(np.rint(g), nan=0.0, posinf=255.0, neginf=0.0), 0, 255)
     return out, how
 
 

@@ -39,7 +39,8 @@ def test_uint8_stack_read_without_copy_and_outlives_its_image(tmp_path):
     stack[0, 0, 0] = 3  # writable, so torch.from_numpy does not warn
 
 
-@pytest.mark.parametrize("how", ["2d", "rgb", "rgba", "uint16-small", "uint16-large", "float01", "float-nan"])
+@pytest.mark.parametrize("how", ["2d", "rgb", "rgba", "uint16-small", "uint16-large", "float01", "float-nan",
+                                 "float-overshoot", "float-inf"])
 def test_conversions_warn_and_give_uint8_gray(tmp_path, how):
     a = _stack(frames=2)
     if how == "2d":
@@ -59,6 +60,12 @@ def test_conversions_warn_and_give_uint8_gray(tmp_path, how):
     elif how == "float01":
         src = np.array([[[0.0, 0.5, 1.0]]], np.float32)
         want = np.array([[[0, 128, 255]]], np.uint8)
+    elif how == "float-overshoot":  # normalised, resampling overshoot past 1: not "already 0..255" (black)
+        src = np.array([[[0.0, 0.51, 1.02]]], np.float32)
+        want = np.array([[[0, 128, 255]]], np.uint8)
+    elif how == "float-inf":  # one inf pixel does not set the scale (255 / inf would blacken all)
+        src = np.array([[[0.0, 500.0, 1000.0, np.inf, -np.inf]]], np.float32)
+        want = np.array([[[0, 128, 255, 255, 0]]], np.uint8)
     else:
         src = np.array([[[np.nan, 100.0, 200.0]]], np.float32)
         want = np.array([[[0, 100, 200]]], np.uint8)
