@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ INPUT_SLUG = "stacked-fetal-ultrasound"
 SEGMENTATION_SLUG = "fetal-abdomen-segmentation"
 FRAME_NUMBER_SLUG = "fetal-abdomen-frame-number"
 IMAGE_SUFFIXES = (".mha", ".tif", ".tiff")
+CHALLENGE_SHAPE = (840, 562, 744)  # 6 sweeps x 140 frames of 562 x 744
 MODEL_FILES = ("model.json", "model.safetensors")
 
 log = logging.getLogger("fetaliqa")
@@ -143,8 +145,14 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    with contextlib.nullcontext() if debug else _quiet_stderr():
-        stack, reference = load_image_file_as_array(location=image_path)
+    # ITK's reader talks to fd 2 directly, so fd 2 is silenced while it runs; the input's
+    # conversion warnings raised meanwhile are held back and logged once it is restored
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always", fio.InputConversionWarning)
+        with contextlib.nullcontext() if debug else _quiet_stderr():
+            stack, reference = load_image_file_as_array(location=image_path)
+    for w in held:
+        log.warning("warning: %s", w.message)
     timings["read"] = time.perf_counter() - t
     log.info("input %s: %s %s, %.0f MB (read without a copy when uint8), spacing %s, "
              "peak RSS so far %.0f MB", image_path, stack.dtype, stack.shape, stack.nbytes / 2**20,
@@ -163,10 +171,15 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     log.info("device %s (%s), batch %d", device, device_name, batch_size)
 
     t = time.perf_counter()
+    if stack.shape != CHALLENGE_SHAPE:
+        log.warning("warning: %s", unusual_geometry(stack.shape))
     if not stack.any():
-        log.warning("warning: %s holds no signal (all pixels 0): writing frame -1 and an "
-                    "all-zero mask", image_path.name)
-        frame, mask, analysis = -1, np.zeros(stack.shape[1:], np.uint8), None
+        frame = guess_frame(len(stack))
+        mask = fallback_mask(stack[frame])
+        log.warning("warning: %s holds no signal (all pixels 0): nothing to find; writing a guess, frame "
+                    "%d and a central ellipse (the evaluator scores frame -1 or an empty mask against "
+                    "the last GT frame and Dice 0/0)", image_path.name, frame)
+        analysis = None
     else:
         analysis, device, batch = analyse_with_fallback(
             stack, model, device=device, batch_size=batch_size, amp=amp, search=args.search)
@@ -220,9 +233,16 @@ def locate_input_image(*, input_root: Path) -> Path:
             entries = load_json_file(location=inputs_json)
             for entry in entries if isinstance(entries, list) else []:
                 iface = entry.get("interface") or {}
-                if iface.get("slug") == INPUT_SLUG and iface.get("relative_path"):
-                    folder = input_root / iface["relative_path"]
+                rel = iface.get("relative_path")
+                if iface.get("slug") != INPUT_SLUG or not rel:
+                    continue
+                named = input_root / rel if isinstance(rel, str) else None
+                if named is not None and named.is_dir():
+                    folder = named
                     log.info("inputs.json: %s -> %s", INPUT_SLUG, folder)
+                else:
+                    log.warning("warning: inputs.json names %r for %s, %s; looking in %s", rel, INPUT_SLUG,
+                                "not a folder name" if named is None else "no such folder", folder)
         except (OSError, ValueError, AttributeError) as err:
             log.warning("warning: ignoring unreadable %s (%s)", inputs_json, err)
     if not folder.is_dir():
@@ -418,8 +438,11 @@ def checked_result(analysis, stack: np.ndarray) -> tuple[int, np.ndarray]:
 
 def fallback_mask(frame: np.ndarray) -> np.ndarray:
     """A plausible abdomen (ellipse of AC ~ 230 mm at 0.28 mm/px) centred on the frame's
-    signal: an empty mask scores Dice +inf/0 officially, any guess does better."""
+    signal, inside it (or, on a frame without any, inside the official measurement fan):
+    an empty mask scores Dice +inf/0 officially, any guess does better."""
     import cv2
+
+    from fetaliqa.measure import measurement_fov
 
     rows, cols = frame.shape
     ys, xs = np.nonzero(frame)
@@ -427,8 +450,29 @@ def fallback_mask(frame: np.ndarray) -> np.ndarray:
     r = max(1, min(130, rows // 4, cols // 4))
     mask = np.zeros((rows, cols), np.uint8)
     cv2.ellipse(mask, (cx, cy), (r, int(r * 0.9)), 0, 0, 360, 1, -1)
-    inside = mask & (frame > 0)
+    inside = mask & ((frame > 0) if ys.size else measurement_fov((rows, cols)).astype(np.uint8))
     return inside if inside.any() else mask
+
+
+def guess_frame(n_frames: int) -> int:
+    """The frame written when there is nothing to choose from: the middle of the first sweep
+    (a transverse one, where annotations are most often found) of a 6-sweep stack, else the
+    middle frame."""
+    from fetaliqa.select import sweep_length
+
+    return sweep_length(n_frames) // 2
+
+
+def unusual_geometry(shape: tuple[int, ...]) -> str:
+    """What a stack of another shape than the challenge's means for the analysis."""
+    from fetaliqa.select import sweep_length
+
+    n, rows, cols = shape
+    fps = sweep_length(n)
+    sweeps = (f"read as 6 sweeps of {fps} frame{'s' if fps > 1 else ''}" if fps != n else
+              "not 6 equal sweeps: read as one sweep, without the per-sweep prior and windows")
+    return (f"{n} frames of {rows}x{cols}, not the challenge's {CHALLENGE_SHAPE[0]} of "
+            f"{CHALLENGE_SHAPE[1]}x{CHALLENGE_SHAPE[2]}: {sweeps}; processed as it is")
 
 
 # --- output --------------------------------------------------------------------------
@@ -451,9 +495,9 @@ def write_array_as_image_file(*, location: Path, array: np.ndarray, reference) -
     try:
         fio.write_mask_volume(target, array, reference)
         for stale in location.iterdir():
-            if stale.is_file() and stale.name != target.name:
+            if stale.name != target.name:
                 log.warning("warning: removing stale %s", stale)
-                stale.unlink()
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
     except OSError as err:
         raise UserError(f"cannot write {target}: {err.strerror or err}") from err
 

@@ -133,20 +133,25 @@ def test_unusual_inputs_are_processed_with_a_warning(tmp_path, capfd, small_mode
     assert rc == 0, err
     if kind != "odd-size":  # other sizes are simply processed; conversions say what they did
         assert "warning: case.mha:" in err and f"processed as uint8 {want}" in err
+    # and every one of these is not the challenge's geometry, which is said with what it means
+    n = want[0]
+    assert f"warning: {n} frames of {want[1]}x{want[2]}, not the challenge's 840 of 562x744: " in err
+    assert ("read as one sweep" in err) == (n % 6 != 0)
     frame = _valid(tmp_path, image)
     assert 0 <= frame < want[0]
     vol = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "output" / SEG / "output.mha")))
     assert vol.shape == want and vol[frame].any()
 
 
-def test_all_black_stack_gives_frame_minus_one_and_zero_mask(tmp_path, capfd, small_model):
-    image = _case(tmp_path, np.zeros((6, 32, 40), np.uint8))
+def test_all_black_stack_gives_a_guess_not_minus_one_or_an_empty_mask(tmp_path, capfd, small_model):
+    # the evaluator would score -1 / an empty mask against the last GT frame, Dice 0/0 = +inf
+    image = _case(tmp_path, np.zeros((12, 32, 40), np.uint8))
     rc, out, err = _run(capfd, tmp_path, model=small_model)
     assert rc == 0, err
-    assert "holds no signal" in err
-    assert _valid(tmp_path, image) == -1
+    assert "holds no signal" in err and "frame 1 and a central ellipse" in err
+    assert _valid(tmp_path, image) == 1  # the middle of the first of 6 sweeps of 2 frames
     vol = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "output" / SEG / "output.mha")))
-    assert vol.shape == (6, 32, 40) and not vol.any()
+    assert vol.shape == (12, 32, 40) and vol[1].sum() > 100 and not np.delete(vol, 1, axis=0).any()
 
 
 def _broken_models(tmp: Path, good: Path) -> dict[str, Path]:
@@ -212,6 +217,17 @@ def test_bad_input_exits_non_zero_with_one_line(tmp_path, capfd, monkeypatch, sm
     assert not (tmp_path / "output" / SEG).exists() or not any((tmp_path / "output" / SEG).iterdir())
 
 
+def test_conversion_warnings_reach_stderr_of_a_real_process(tmp_path, small_model):
+    # fd 2 is silenced while ITK reads; in-process tests cannot see that (pytest swaps sys.stderr)
+    _case(tmp_path, np.ascontiguousarray(_sim_stack()[:6]).astype(np.uint16) * 200)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path / "input"),
+                        "--output", str(tmp_path / "output"), "--model", str(small_model)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "fetaliqa: warning: case.mha: uint16 pixels converted to 8-bit" in r.stderr
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path / "x"),
@@ -243,6 +259,12 @@ def test_input_located_through_optional_inputs_json(tmp_path, capfd):
     inference._setup_logging(False)
     assert inference.locate_input_image(input_root=root) == default / "y.mha"
     assert "ignoring unreadable" in capfd.readouterr().err
+    # a relative path that is not a folder name, or names no folder: the default folder, said so
+    for rel, why in ((5, "not a folder name"), ("images/nope", "no such folder")):
+        (root / "inputs.json").write_text(json.dumps([{"interface": {"slug": "stacked-fetal-ultrasound",
+                                                                     "relative_path": rel}}]))
+        assert inference.locate_input_image(input_root=root) == default / "y.mha"
+        assert why in capfd.readouterr().err
     (root / "inputs.json").unlink()
     assert inference.locate_input_image(input_root=root) == default / "y.mha"
 
