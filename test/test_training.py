@@ -81,6 +81,26 @@ def test_reader_and_errors(tiny, tmp_path):
     load_sweeps(rec, [0, 2])  # the sweeps without the stray values read
 
 
+def test_reader_refuses_csv_rows_it_would_misread(tmp_path):
+    root = write_tiny_release(tmp_path / "r", n_cases=2)
+    csv_path = root / "circumferences/fetal_abdominal_circumferences_per_sweep.csv"
+    header, *lines = csv_path.read_text().splitlines()
+    good = [r.ac_mm for r in read_release(root)]
+    # a spreadsheet's byte-order mark is not part of the first column's name
+    csv_path.write_text("\ufeff" + "\n".join([header, *lines]) + "\n", encoding="utf-8")
+    assert [r.ac_mm for r in read_release(root)] == good
+    cells = lines[1].split(",")
+    for bad, match in ((",".join(cells + ["59"]), "line 3: 9 fields, the header has 8"),  # "17,59" for 17.59
+                       (",".join(cells[:-1]), "line 3: 7 fields, the header has 8"),
+                       (lines[0], "line 3: uuid case000 already has a row above")):
+        csv_path.write_text("\n".join([header, lines[0], bad]) + "\n")
+        with pytest.raises(DataError, match=match):
+            read_release(root)
+    csv_path.write_text("uuid;subject_id\n")
+    with pytest.raises(DataError, match=r"found \['uuid;subject_id'\]"):
+        read_release(root)
+
+
 def test_split_groups_subjects(tmp_path):
     rng = np.random.default_rng(1)
     subject_of = {f"u{i:03d}": f"s{int(rng.integers(0, 40)):02d}" for i in range(120)}

@@ -67,15 +67,23 @@ def read_release(root: Path | str) -> list[CaseRecord]:
                             "masks/stacked_fetal_abdomen/, circumferences/"
                             "fetal_abdominal_circumferences_per_sweep.csv)")
     rows: dict[str, tuple[str, tuple[float | None, ...]]] = {}
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(fh)
         need = ["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, N_SWEEPS + 1)]
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{csv_path}: missing columns {missing}; expected {need}")
-        for i, row in enumerate(reader, start=2):
+            raise DataError(f"{csv_path}: missing columns {missing}; expected {need}, found {reader.fieldnames}")
+        for row in reader:
+            where = f"{csv_path} line {reader.line_num}"
+            extra = row.get(None) or []  # DictReader's marks of too many / too few fields
+            short = sum(v is None for k, v in row.items() if k is not None)
+            if extra or short:
+                raise DataError(f"{where}: {len(reader.fieldnames) + len(extra) - short} fields, the header has "
+                                f"{len(reader.fieldnames)} (a decimal comma, or a missing or extra separator?)")
             uuid = row["uuid"].strip()
-            ac = tuple(_parse_ac(row[f"sweep_{k}_ac_mm"], f"{csv_path} line {i}") for k in range(1, N_SWEEPS + 1))
+            if uuid in rows:
+                raise DataError(f"{where}: uuid {uuid} already has a row above")
+            ac = tuple(_parse_ac(row[f"sweep_{k}_ac_mm"], where) for k in range(1, N_SWEEPS + 1))
             rows[uuid] = (row["subject_id"].strip() or uuid, ac)
     images = sorted(img_dir.glob("*.mha"))
     if not images:
