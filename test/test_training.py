@@ -183,10 +183,32 @@ def test_bad_selection_option_fails_before_training(tmp_path, capsys):
                         (["--frame-steps", "5", "--frame-views", "0,six"], "'six' is not a rotation in degrees"),
                         (["--frame-steps", "5", "--frame-views", "0,inf"], "the rotation must be finite"),
                         (["--frame-steps", "5", "--frame-views", "0m,0m"], "repeats a view"),
-                        (["--batch-size", "0"], "--batch-size must be >= 1")):
+                        (["--batch-size", "0"], "--batch-size, --accum, --epochs"),
+                        (["--accum", "0"], "--accum, --epochs, --val-every and --ckpt-every must be >= 1"),
+                        (["--epochs", "0"], "--epochs, --val-every and --ckpt-every must be >= 1"),
+                        (["--max-steps", "-1"], "--max-steps must be >= 0"),
+                        (["--neg-ratio", "inf"], "--neg-ratio must be a finite number"),
+                        (["--neg-ratio", "nan"], "--neg-ratio must be a finite number"),
+                        (["--warmup", "3"], "--warmup is a fraction of all optimiser steps, in [0, 1)"),
+                        (["--lr", "0"], "--lr must be > 0"),
+                        (["--folds", "1"], "--folds must be >= 2"),
+                        (["--folds", "3", "--val-fold", "3"], "--val-fold 3 is outside 0..2 (--folds 3)"),
+                        (["--test-fold", "5"], "--test-fold 5 is outside 0..4"),
+                        (["--test-fold", "0"], "--test-fold and --val-fold must differ")):
         with pytest.raises(SystemExit):
             T.parse_args(["--cache", str(tmp_path), "--out", str(tmp_path / "o"), *extra])
         assert says in capsys.readouterr().err, extra
+
+
+def test_bad_data_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *SMALL]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("[train] error: ") and "missing image folder" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("FETALIQA_DEBUG", "1")  # the traceback, for whoever debugs
+    with pytest.raises(DataError, match="missing image folder"):
+        T.main(argv)
 
 
 def test_frame_views_are_parsed_from_rotations_with_m_for_mirrored(tmp_path):
@@ -412,7 +434,7 @@ RUN = ["--image-size", "112", "--encoder", "full", "--epochs", "2", "--batch-siz
        "--label-policy", "optimal", "--val-max-frames", "4", "--case-check", "0", "--lr", "1e-3", "--loss", "dice_bce"]
 
 
-def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path):
+def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path, capsys):
     cache = cache112
     common = ["--data", str(tiny), "--cache", str(cache.root), *SMALL, *RUN]
     assert T.main([*common, "--out", str(tmp_path / "a")]) == 0
@@ -421,6 +443,16 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     assert T.main([*common, "--out", str(tmp_path / "b"), "--resume", "--no-export"]) == 0
     a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
     assert len(a) == 4 and a == b  # same losses and learning rates, bit for bit
+    # a --resume under other training settings, or another split, is refused in one line, the run untouched
+    last = (tmp_path / "b/last.pt").read_bytes()
+    for extra, says in ((["--lr", "5e-4", "--batch-size", "2"], "written with --batch-size 4 (now 2); --lr 0.001 "
+                                                                "(now 0.0005): give the same settings"),
+                        (["--seed", "7"], "split.json was made with --seed 0 (now 7); give the same split options"),
+                        (["--folds", "4", "--val-fold", "1"], "made with --folds 3 (now 4), --val-fold 0 (now 1);")):
+        assert T.main([*common, "--out", str(tmp_path / "b"), "--resume", "--no-export", *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert (tmp_path / "b/last.pt").read_bytes() == last and _steps(tmp_path / "b") == b
     # export -> load -> same predictions as the best checkpoint in memory
     args = T.parse_args([*common, "--out", str(tmp_path / "a")])
     model = T.make_model(args)

@@ -13,7 +13,8 @@ AdamW, warmup + cosine, mixed precision where the hardware has it, gradient accu
 -> export of the deployable model (OUT/model + OUT/model.tar.gz).
 
 OUT holds: args.json, split.json, steps.jsonl/.csv (per optimiser step), epochs.jsonl/.csv,
-last.pt (exact resume: model, optimiser, scheduler, scaler, RNG states, epoch/step),
+last.pt (exact resume: model, optimiser, scheduler, scaler, RNG states, epoch/step; --encoder lora:
+to about 1e-4, docs/training.md; other training settings refused: RESUME_SAME),
 best.pt, [frame_head.pt,] calibration.json, model/, model.tar.gz.
 """
 from __future__ import annotations
@@ -232,8 +233,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--hard-neg-frac chooses among sampled negatives: it needs --neg-ratio >= 0")
     if args.frame_steps < 0 or args.frame_batch_size < 1 or args.frame_warmup < 0 or not args.frame_mask_weight >= 0:
         parser.error("--frame-steps, --frame-warmup and --frame-mask-weight must be >= 0, --frame-batch-size >= 1")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.accum < 1 or args.epochs < 1 or args.val_every < 1 or args.ckpt_every < 1:
+        parser.error("--batch-size, --accum, --epochs, --val-every and --ckpt-every must be >= 1")
+    if args.max_steps < 0:
+        parser.error(f"--max-steps must be >= 0 (0: no limit), got {args.max_steps}")
+    if not math.isfinite(args.neg_ratio):
+        parser.error(f"--neg-ratio must be a finite number (< 0: all negatives), got {args.neg_ratio}")
+    if not 0 <= args.warmup < 1:
+        parser.error(f"--warmup is a fraction of all optimiser steps, in [0, 1), got {args.warmup}")
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not args.weight_decay >= 0:
+        parser.error("--lr must be > 0 and finite, --weight-decay >= 0")
+    if args.folds < 2:
+        parser.error(f"--folds must be >= 2, got {args.folds}")
+    for name, fold in (("--val-fold", args.val_fold), ("--test-fold", args.test_fold)):
+        if fold is not None and not 0 <= fold < args.folds:  # found here, not after the cache is built
+            parser.error(f"{name} {fold} is outside 0..{args.folds - 1} (--folds {args.folds})")
+    if args.test_fold is not None and args.test_fold == args.val_fold:
+        parser.error("--test-fold and --val-fold must differ")
     heads = [h.strip() for h in args.heads.split(",")]
     if "frame" in heads:
         parser.error("--heads: the frame head is not trained with the others; add it with --frame-steps")
@@ -667,12 +683,54 @@ def prepare_data(args, rank: int, world: int, image_size: int) -> tuple[FrameCac
     split_path = args.out / "split.json"
     if args.resume and split_path.exists():
         split = Split.load(split_path)
+        asked = {"--folds": args.folds, "--seed": args.seed, "--val-fold": args.val_fold, "--test-fold": args.test_fold}
+        saved = {"--folds": len(split.folds), "--seed": split.seed, "--val-fold": split.val_fold,
+                 "--test-fold": split.test_fold}
+        differ = [f"{k} {saved[k]} (now {v})" for k, v in asked.items() if saved[k] != v]
+        if differ:
+            raise ValueError(f"--resume: {split_path} was made with {', '.join(differ)}; give the same "
+                             "split options, or a new --out")
+        have, listed = {c["uuid"] for c in cache.cases}, {u for f in split.folds for u in f}
+        if have != listed:
+            raise ValueError(f"--resume: {split_path} lists {len(listed - have)} cases the frame cache lacks and "
+                             f"lacks {len(have - listed)} it holds (first: {sorted(listed ^ have)[:3]}); the data "
+                             "changed since the run began: start a new --out")
     else:
         split = make_split({c["uuid"]: c["subject_id"] for c in cache.cases}, args.folds, args.seed,
                            args.val_fold, args.test_fold)
         if rank == 0:
             split.save(split_path)
     return cache, split, records
+
+
+# What decides the SEG training's course: a --resume must give these as the run it continues did
+# (the split options are checked against split.json). Everything else may differ: where the data
+# or the output lives, threads and workers, --max-steps, and what happens after the SEG training
+# (frame head, selection, calibration, export), which a --resume of a finished run redoes.
+RESUME_SAME = ("selection", "label_policy", "neg_ratio", "hard_neg_frac", "val_max_frames", "val_every",
+               "no_augment", "backbone", "weights", "heads", "encoder", "lora_r", "lora_alpha", "lora_dropout",
+               "decoder_width", "patch_size", "stem", "image_size", "loss", "epochs", "batch_size", "accum", "lr",
+               "weight_decay", "warmup", "schedule", "amp", "grad_clip", "run_seed", "select_metric")
+
+
+def check_resume(ck: dict, args: argparse.Namespace, world: int, path: Path) -> None:
+    """Refuse to continue a checkpoint under other training settings or another process count
+    (the run would go on silently as another one, its provenance naming settings it did not use)."""
+    def norm(key: str, v):
+        if key == "weights":  # the checkpoint file may have moved; its name and presence may not change
+            return Path(v).name if v else None
+        return str(v) if isinstance(v, Path) else v
+
+    saved, now = ck.get("args", {}), vars(args)
+    differ = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in RESUME_SAME
+              if k in saved and norm(k, saved[k]) != norm(k, now[k])]
+    if differ:
+        raise ValueError(f"--resume: {path} was written with {'; '.join(differ)}: give the same settings to "
+                         "continue it, or a new --out for a new run")
+    ranks = len(ck["rng"]) if isinstance(ck.get("rng"), list) else 1
+    if ranks != world:
+        raise ValueError(f"--resume: {path} was written by {ranks} process(es), this run has {world}; resume "
+                         "with as many (torchrun --nproc_per_node / make_default --procs)")
 
 
 def run_training(argv: list[str], procs: int = 1) -> int:
@@ -694,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
     is_main = rank == 0
     try:
         return _train(args, rank, world, device, is_main)
+    except (ValueError, OSError) as err:  # bad data, weights or settings: one line (DataError included)
+        if os.environ.get("FETALIQA_DEBUG") == "1":
+            raise
+        print(f"[train] error: {err}" if is_main else f"[train] rank {rank} error: {err}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
         if world > 1 and dist.is_initialized():
@@ -740,6 +803,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     last_path, best_path = args.out / "last.pt", args.out / "best.pt"
     if args.resume and last_path.exists():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        check_resume(ck, args, world, last_path)
         load_trainable_state(model, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
