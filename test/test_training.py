@@ -79,6 +79,11 @@ def test_reader_and_errors(tiny, tmp_path):
         with pytest.raises(DataError, match=r"unknown labels \[-1, 7\]"):
             read()
     load_sweeps(rec, [0, 2])  # the sweeps without the stray values read
+    m = np.zeros((24, 60, 80), np.float32)
+    m[5, 10:20, 10:20] = 0.5  # a soft mask would be truncated to background
+    sitk.WriteImage(sitk.GetImageFromArray(m), str(bad2 / "masks/stacked_fetal_abdomen/case001.mha"))
+    with pytest.raises(DataError, match=r"non-integer label values \[0.5\]"):
+        load_case(read_release(bad2)[1])
 
 
 def test_reader_refuses_csv_rows_it_would_misread(tmp_path):

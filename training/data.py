@@ -139,6 +139,10 @@ def _check_labels(mask: np.ndarray, path: Path) -> None:
     """DataError unless every value of the label stack is one of LABELS (0, 1, 2, a range): its
     minimum and maximum decide (a fiftieth of np.unique's time on a whole stack); the values
     are listed only to say what is wrong."""
+    if mask.dtype.kind == "f" and mask.size and not np.array_equal(mask, np.rint(mask)):
+        odd = np.unique(mask[mask != np.rint(mask)])[:5].tolist()
+        raise DataError(f"{path}: non-integer label values {odd}; expected 0 (background), 1 (optimal), "
+                        "2 (suboptimal)")
     if mask.size and (mask.min() < min(LABELS) or mask.max() > max(LABELS)):
         bad = [int(v) for v in np.unique(mask) if int(v) not in LABELS]
         raise DataError(f"{path}: unknown labels {bad}; expected 0 (background), 1 (optimal), 2 (suboptimal)")
