@@ -177,8 +177,8 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
         frame = guess_frame(len(stack))
         mask = fallback_mask(stack[frame])
         log.warning("warning: %s holds no signal (all pixels 0): nothing to find; writing a guess, frame "
-                    "%d and a central ellipse (the evaluator scores frame -1 or an empty mask against "
-                    "the last GT frame and Dice 0/0)", image_path.name, frame)
+                    "%d and a central ellipse (the evaluator would score frame -1 against the last GT "
+                    "frame, and an empty mask on an empty GT frame as Dice 0/0 = +inf)", image_path.name, frame)
         analysis = None
     else:
         analysis, device, batch = analyse_with_fallback(
@@ -470,7 +470,8 @@ def unusual_geometry(shape: tuple[int, ...]) -> str:
     n, rows, cols = shape
     fps = sweep_length(n)
     sweeps = (f"read as 6 sweeps of {fps} frame{'s' if fps > 1 else ''}" if fps != n else
-              "not 6 equal sweeps: read as one sweep, without the per-sweep prior and windows")
+              "not 6 equal sweeps: read as one sweep (no per-sweep prior; temporal windows run across "
+              "what may be sweep boundaries)")
     return (f"{n} frames of {rows}x{cols}, not the challenge's {CHALLENGE_SHAPE[0]} of "
             f"{CHALLENGE_SHAPE[1]}x{CHALLENGE_SHAPE[2]}: {sweeps}; processed as it is")
 
@@ -497,7 +498,10 @@ def write_array_as_image_file(*, location: Path, array: np.ndarray, reference) -
         for stale in location.iterdir():
             if stale.name != target.name:
                 log.warning("warning: removing stale %s", stale)
-                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
     except OSError as err:
         raise UserError(f"cannot write {target}: {err.strerror or err}") from err
 

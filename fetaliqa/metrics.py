@@ -58,7 +58,8 @@ METRICS = ("wfss", "dice", "dice_soft", "nae_ac", "hausdorff")
 @dataclass
 class CaseScore:
     """Scores of one case. ``frame``: 0-based, -1 = none. ``hausdorff`` in pixels (the evaluator's
-    stand-ins when a side is empty, module docstring; nan in ``corrected`` mode). ``ac_*_mm``: None when unmeasurable / no reference for that sweep.
+    stand-ins when a side is empty, module docstring; nan in ``corrected`` mode). ``ac_*_mm``:
+    None when unmeasurable / no reference for that sweep.
     ``soft_frame``: GT frame the soft Dice compared against (None: none searched or found)."""
 
     frame: int

@@ -81,6 +81,8 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
     seg.mkdir(parents=True)
     (seg / "output.mha").write_text("stale")  # leftovers of an earlier run are replaced/removed
     (seg / "old-result.mha").write_text("stale")
+    (seg / "old-folder").mkdir()  # the socket's folder must hold one entry, the output
+    (seg / "old-folder" / "x.mha").write_text("stale")
     (tmp_path / "output" / FRAME_JSON).write_text("3.0")
     monkeypatch.setenv("FETALIQA_EXTRAS", "1")
     rc, out, err = _run(capfd, tmp_path, model=small_model)
@@ -88,6 +90,7 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
     frame = _valid(tmp_path, image)
     assert 0 <= frame < 12 and f"frame {frame}" in out
     assert "removing stale" in err and "old-result.mha" in err
+    assert sorted(p.name for p in seg.iterdir()) == ["output.mha"]
     for stage in ("setup", "read", "model_load", "analyse", "write", "total"):
         assert f" {stage} " in out.split("timings (s):")[1]
     assert "device cpu (" in out and "analysed on cpu, batch 4" in out
