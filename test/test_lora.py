@@ -60,6 +60,37 @@ def test_every_adapter_gets_gradient_and_only_trainables_change(lora_model):
         assert (p - before[n]).abs().max() <= 1e-6 * before[n].abs().max(), n
 
 
+def test_the_published_out_proj_target_is_refused():
+    from fetaliqa.model import LoraSettings
+
+    with pytest.raises(ValueError, match="out_proj is never called"):
+        LoraSettings(targets=("attn.out_proj", "mlp.c_fc"))
+
+
+def test_attention_adapters_add_alpha_over_r_once(lora_model):
+    # the adapted block computes a plain MultiheadAttention whose in- and out-projections each hold
+    # base + alpha / r x B A (peft 0.21 alone would add the out-projection's twice)
+    a = lora_model.encoder.transformer.resblocks[0].attn
+    out = a.base_layer.out_proj
+    with torch.no_grad():
+        for p in (a.lora_A["default"].weight, out.lora_A["default"].weight):
+            torch.nn.init.normal_(p, std=0.05)
+    scale = 16 / 8  # the spec's alpha / r
+    lora_model.eval()
+    x = torch.randn(2, 5, a.base_layer.embed_dim)
+    plain = torch.nn.MultiheadAttention(a.base_layer.embed_dim, a.base_layer.num_heads, batch_first=True)
+    with torch.no_grad():
+        plain.in_proj_weight.copy_(a.base_layer.in_proj_weight + scale * a.lora_B["default"].weight
+                                   @ a.lora_A["default"].weight)
+        plain.in_proj_bias.copy_(a.base_layer.in_proj_bias)
+        plain.out_proj.weight.copy_(out.base_layer.weight + scale * out.lora_B["default"].weight
+                                    @ out.lora_A["default"].weight)
+        plain.out_proj.bias.copy_(out.base_layer.bias)
+        got = a(x, x, x, need_weights=False)[0]
+        want = plain(x, x, x, need_weights=False)[0]
+    assert (got - want).abs().max() < 1e-5, (got - want).abs().max()
+
+
 def test_merged_equals_unmerged_and_export_round_trip(lora_model, tmp_path):
     lora_model.train()
     _step(lora_model)

@@ -54,6 +54,8 @@ def test_taps_select_blocks():
         ModelConfig(taps=(1, 2, 3, 7), **SMALL)
     with pytest.raises(ValueError, match="4 tapped"):
         ModelConfig(taps=(1, 2, 3), **SMALL)
+    with pytest.raises(ValueError, match="must not decrease"):
+        ModelConfig(taps=(6, 4, 3, 2), **SMALL)
 
 
 def test_config_round_trip():

@@ -43,7 +43,9 @@ class LoraSettings:
     """peft LoRA on the vision tower (used when ``encoder_mode == "lora"``).
 
     targets: module-name suffixes. ``"attn"`` is the whole ``nn.MultiheadAttention`` of each
-    block: peft then adapts both the q/k/v in-projection and the out-projection. (Targeting
+    block: peft then adapts both the q/k/v in-projection and the out-projection, merged into
+    the weights around each forward pass (so ``dropout`` applies to the other targets only;
+    ``lora.apply_lora`` keeps peft from counting the out-projection twice). (Targeting
     ``attn.out_proj`` alone, as published, does nothing: MultiheadAttention reads its weight
     without calling the module, so the adapter never sees a forward pass.)
     """
@@ -52,6 +54,12 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.1
     targets: tuple[str, ...] = ("attn", "mlp.c_fc", "mlp.c_proj")
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if any(t == "out_proj" or t.endswith(".out_proj") for t in self.targets):
+            raise ValueError(f"LoRA target {self.targets!r}: an nn.MultiheadAttention's out_proj is never called, "
+                             "so its adapter would learn nothing (the published defect); target 'attn' instead")
 
     def to_dict(self) -> dict[str, Any]:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
@@ -218,6 +226,9 @@ class ModelConfig:
             raise ValueError(f"the SEG decoder needs exactly 4 tapped blocks, got taps={self.taps}")
         if any(not 1 <= t <= layers for t in self.taps):
             raise ValueError(f"taps {self.taps} must lie in 1..{layers} (1-based blocks of {self.backbone})")
+        if any(a > b for a, b in zip(self.taps, self.taps[1:])):
+            raise ValueError(f"taps {self.taps} must not decrease (shallowest first; the last, deepest, feeds "
+                             "the decoder's bottom)")
         if self.image_size % 16 or self.image_size % int(self.vision_cfg()["patch_size"]):
             raise ValueError(f"image_size {self.image_size} must be divisible by 16 and by the patch size")
         patch = int(self.vision_cfg()["patch_size"])
