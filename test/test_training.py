@@ -574,6 +574,20 @@ def test_run_seed_replicates_on_the_same_split(tiny, cache112, tmp_path):
     assert json.loads((tmp_path / "other/args.json").read_text())["run_seed"] == 1
 
 
+def test_cls_threshold_is_calibrated_not_the_published_half(tiny, cache112, tmp_path, capsys):
+    out = tmp_path / "cls"
+    common = ["--data", str(tiny), "--cache", str(cache112.root), *SMALL, *RUN, "--label-policy", "any",
+              "--neg-ratio", "1", "--heads", "seg,cls", "--epochs", "1"]
+    assert T.main([*common, "--out", str(out)]) == 0
+    assert "CLS good >= " in capsys.readouterr().err
+    m, cal = load_exported(out / "model"), json.loads((out / "calibration.json").read_text())
+    rows = cache112.rows_of(Split.load(out / "split.json").val)
+    pred = T.predict_rows(m, cache112, rows, device=torch.device("cpu"), batch_size=8, amp=None, policy="any")
+    want = calibrate_score_threshold(pred["cls_prob"], pred["labels"], key="cls_threshold")
+    assert cal["cls_decision"] == pytest.approx(want)
+    assert m.config.cls_threshold == pytest.approx(want["cls_threshold"]) != 0.5
+
+
 def test_torchrun_two_processes(cache112, tmp_path):
     cache = cache112
     out = tmp_path / "ddp"

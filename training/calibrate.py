@@ -145,16 +145,20 @@ def calibrate_model(model: torch.nn.Module, cache, rows: np.ndarray, *, device, 
                     policy: str, progress: bool = True, selection: dict | None = None,
                     by_frame_head: bool = False) -> dict:
     """Calibrate on cache rows: one model pass (``predict_rows``), then ``summarise_calibration``
-    (its docstring says what is chosen). The pass itself is kept under "_pred" for callers that
-    move the choice (``at_pixel_threshold``; pop it before serialising)."""
+    (its docstring says what is chosen); with a CLS head also its F1-best probability cut
+    ("cls_decision": ``ModelConfig.cls_threshold``, not the published hand-set 0.5). The pass
+    itself is kept under "_pred" for callers that move the choice (``at_pixel_threshold``; pop
+    it before serialising)."""
     from .train import predict_rows
 
     pred = predict_rows(model, cache, rows, device=device, batch_size=batch_size, amp=amp, policy=policy,
                         progress=progress, frame_stats=selection is not None)
+    cls = {} if pred["cls_prob"] is None else {
+        "cls_decision": calibrate_score_threshold(pred["cls_prob"], pred["labels"], key="cls_threshold")}
     if pred["counts"] is None:  # CLS-only model: nothing to calibrate on masks
         return {"pixel_threshold": model.config.pixel_threshold, "area_threshold": model.config.area_threshold,
-                "f1": float("nan"), "frames": int(len(rows))}
-    return {**summarise_calibration(model.config, cache, pred, selection, by_frame_head), "_pred": pred}
+                "f1": cls["cls_decision"]["f1"], "frames": int(len(rows)), **cls}
+    return {**summarise_calibration(model.config, cache, pred, selection, by_frame_head), **cls, "_pred": pred}
 
 
 def summarise_calibration(config, cache, pred: dict, selection: dict | None = None,
@@ -205,7 +209,7 @@ def at_pixel_threshold(cal: dict, cache, pred: dict, pixel_threshold: float, cho
     chosen = [g for g in cal["grid"] if g["pixel_threshold"] == pixel_threshold]
     if not chosen:
         raise ValueError(f"pixel threshold {pixel_threshold} is not on the grid {PIXEL_GRID}")
-    kept = {"frame_decision": cal["frame_decision"]} if "frame_decision" in cal else {}
+    kept = {k: cal[k] for k in ("frame_decision", "cls_decision") if k in cal}
     return _with_frame_metrics({"chosen_by": chosen_by, **chosen[0], **kept, "grid": cal["grid"]}, cache, pred)
 
 

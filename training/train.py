@@ -985,8 +985,10 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
             cal = at_pixel_threshold(cal, cache, pred, t, chosen_by="case score")
             checks["calibrated"] = checks[grid_name(t)]
     by_score = cal.get("score_decision", {}).get("score_threshold")
+    by_cls = {"cls_threshold": cal["cls_decision"]["cls_threshold"]} if "cls_decision" in cal else {}
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **decided)
+                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **decided,
+                                       **by_cls)
     calib = {**cal, "case_check": checks}
     (args.out / "calibration.json").write_text(json.dumps(json_safe(calib), indent=1))
     provenance = {
@@ -1019,7 +1021,9 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
           f"val F1={cal['f1']:.3f}" + (f"; good by score >= {by_score:.3g}: val F1={cal['score_decision']['f1']:.3f}"
                                        if by_score is not None else "")
           + (f"; good by frame head >= {cal['frame_decision']['frame_threshold']:.3g}: val F1="
-             f"{cal['frame_decision']['f1']:.3f}" if "frame_decision" in cal else "") + ")", file=sys.stderr)
+             f"{cal['frame_decision']['f1']:.3f}" if "frame_decision" in cal else "")
+          + (f"; CLS good >= {by_cls['cls_threshold']:.3g}: val F1={cal['cls_decision']['f1']:.3f}" if by_cls else "")
+          + ")", file=sys.stderr)
 
 
 if __name__ == "__main__":
