@@ -5,7 +5,8 @@
 # The base image's torch is the 2.14.1 of requirements.txt; its CUDA 12.6 build runs on the
 # platform's T4 (sm_75) with drivers older than CUDA 13 needs. pip must never install torch
 # again (a second multi-GB CUDA stack): torch/torchvision are filtered from the requirements
-# and pinned to the base image's versions as constraints, and the build checks both.
+# and pinned to the base image's versions as constraints, and the build checks both. Everything
+# else they pull in is pinned by constraints.txt (less the base image's CUDA stack).
 # hadolint ignore=DL3029
 FROM --platform=linux/amd64 pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 
@@ -24,12 +25,13 @@ RUN groupadd -r user && useradd -m --no-log-init -r -g user user \
 
 WORKDIR /opt/app
 
-COPY requirements.txt /opt/app/
-RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > /opt/app/constraints.txt \
-    && grep -q '^torch==2.14.1' /opt/app/constraints.txt \
-    && grep -q '^torchvision==0.29.1' /opt/app/constraints.txt \
+COPY requirements.txt constraints.txt /opt/app/
+RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > /opt/app/constraints-image.txt \
+    && grep -q '^torch==2.14.1' /opt/app/constraints-image.txt \
+    && grep -q '^torchvision==0.29.1' /opt/app/constraints-image.txt \
+    && grep -vE '^(#|torch==|torchvision==|triton==|nvidia-|cuda-)' constraints.txt >> /opt/app/constraints-image.txt \
     && grep -vE '^(torch|torchvision)==' requirements.txt > /opt/app/requirements-image.txt \
-    && python -m pip install --no-cache-dir -r /opt/app/requirements-image.txt -c /opt/app/constraints.txt \
+    && python -m pip install --no-cache-dir -r /opt/app/requirements-image.txt -c /opt/app/constraints-image.txt \
     && python -c "import torch, open_clip, SimpleITK, cv2, safetensors, matplotlib; assert torch.__version__.startswith('2.14.1')"
 
 # Code and the embedded default model (resources/model) are baked in, read-only for user.

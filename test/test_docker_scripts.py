@@ -201,3 +201,19 @@ def test_test_run_never_passes_on_stale_outputs(sample):
     (sample / "container").mkdir()  # this run's container writes nothing
     r = _test_run(sample, False, sample / "container")
     assert r.returncode == 1 and "must hold exactly output.mha" in r.stdout, r.stdout + r.stderr
+
+
+def _pins(path: Path) -> dict[str, str]:
+    found = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", path.read_text(), re.M)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in found}
+
+
+def test_constraints_pin_what_the_requirements_pin_and_reach_the_image():
+    # constraints.txt (bash test/make_constraints.sh) pins the whole resolved set: it must agree with
+    # every direct pin, and the image must be able to read it
+    req, con = _pins(REPO / "requirements.txt"), _pins(REPO / "constraints.txt")
+    assert req and {k: con.get(k) for k in req} == req
+    assert {"transformers", "timm", "huggingface-hub", "pillow"} <= set(con)  # what open_clip pulls in
+    copied = re.findall(r"^COPY (.+) /opt/app/", (REPO / "Dockerfile").read_text(), re.M)[0].split()
+    allowed = {ln[1:].strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
+    assert {"requirements.txt", "constraints.txt"} <= set(copied) <= allowed

@@ -4,6 +4,7 @@
 #   bash docs/benchmark/run_example.sh [OUT]     (default out/benchmark-example; report in OUT/report)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source test/setup_env.sh
 out="${1:-out/benchmark-example}"
 rm -rf "$out"
 python -m fetaliqa.simulate --out "$out/gt" --cases 8 --seed 4 --frames-per-sweep 30
