@@ -205,6 +205,7 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     timings["write"] = time.perf_counter() - t
     log.info("wrote %s and %s (frame %d)", seg_dir / "output.mha", frame_json, frame)
 
+    clear_extras(args.output / "extras", keep_folder=extras_dir is not None)  # never pass for this run's
     if extras_dir is not None:
         t = time.perf_counter()
         try:
@@ -511,6 +512,22 @@ def write_json_file(*, location: Path, content) -> None:
         fio.write_json(location, content)
     except OSError as err:
         raise UserError(f"cannot write {location}: {err.strerror or err}") from err
+
+
+EXTRAS_FILES = ("result.json", "quality-curve.png", "overlay.png")
+
+
+def clear_extras(folder: Path, keep_folder: bool) -> None:
+    """Remove the files ``write_extras`` writes (an earlier run's), and unless ``keep_folder``
+    the folder too when that leaves it empty."""
+    stale = [folder / name for name in EXTRAS_FILES if (folder / name).is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        log.info("removed an earlier run's extras from %s", folder)
+        if not keep_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def write_extras(folder: Path, stack: np.ndarray, frame: int, mask: np.ndarray,

@@ -128,12 +128,14 @@ def fetalclip_random_model(out_dir: Path) -> Path:
 
 
 def default_model(out_dir: Path, model: Path | None) -> tuple[Path, str]:
-    """(folder, label) of the embedded default, else a random-weights small model."""
-    for cand in (model, RESOURCES_MODEL):
-        if cand is not None and is_exported_model(cand):
-            return cand, f"embedded default ({cand})" if cand == RESOURCES_MODEL else f"model {cand}"
+    """(folder, label) of ``model`` (which must be an exported model), else the embedded default,
+    else a random-weights small model."""
     if model is not None:
-        raise SystemExit(f"--model {model}: not an exported fetaliqa model (model.json + model.safetensors)")
+        if not is_exported_model(model):
+            raise SystemExit(f"--model {model}: not an exported fetaliqa model (model.json + model.safetensors)")
+        return model, f"model {model}"
+    if is_exported_model(RESOURCES_MODEL):
+        return RESOURCES_MODEL, f"embedded default ({RESOURCES_MODEL})"
     torch.manual_seed(0)
     small = build_model(ModelConfig(backbone="fetalclip-small", heads=("seg",))).eval()
     export_model(small, out_dir, {"data": "random weights (fetaliqa.bench)"})
@@ -498,7 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.image is not None and not args.image.is_file():
+        parser.error(f"--image {args.image}: no such file")
+    if args.model is not None and not is_exported_model(args.model):
+        parser.error(f"--model {args.model}: not an exported fetaliqa model (model.json + model.safetensors)")
+    if args.cases < 1 or args.batch_size < 1 or args.exhaustive_frames < 1 or args.verify < 0:
+        parser.error("--cases, --batch-size and --exhaustive-frames must be >= 1, --verify >= 0")
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return 0

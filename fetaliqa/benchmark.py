@@ -576,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
                         "MODEL-published (published thresholds) and MODEL-largest-area (baseline rule)")
     p.add_argument("--device", default="cpu", help="device for --methods")
     args = p.parse_args(argv)
+    if args.bootstrap < 1 or args.workers < 1:
+        p.error("--bootstrap and --workers must be >= 1")
+    if args.frames_per_sweep is not None and args.frames_per_sweep < 1:
+        p.error(f"--frames-per-sweep must be >= 1, got {args.frames_per_sweep}")
     try:
         preds: dict[str, Path] = {}
         for spec in args.predictions:

@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="FOV mask .mha/.png; 'official' (ACOUSLIC-AI fan), 'none' (whole frame) or "
                         "'auto' (default: official for 562x744 masks, else none)")
     args = p.parse_args(argv)
+    if args.pixel_size is not None and not (args.pixel_size > 0 and math.isfinite(args.pixel_size)):
+        p.error(f"--pixel-size must be a positive number of mm, got {args.pixel_size}")
+    if args.fov not in ("auto", "official", "none") and not Path(args.fov).is_file():
+        p.error(f"--fov {args.fov}: no such file (or give official, none or auto)")
     try:
         mask, _ = read_mask_2d(args.mask)
         if args.fov == "auto":

@@ -240,6 +240,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["--ground-truth", str(tmp_path), "--out", str(tmp_path / "r"), "--predictions", f"a={tmp_path}"]) == 2
     assert "layout" in capsys.readouterr().err
+    for bad in (["--bootstrap", "0"], ["--workers", "0"], ["--frames-per-sweep", "0"]):
+        with pytest.raises(SystemExit):  # refused before any case is scored
+            main(["--ground-truth", str(tmp_path), "--out", str(tmp_path / "r"), "--predictions", f"a={tmp_path}", *bad])
+        assert "must be >= 1" in capsys.readouterr().err
 
 
 def test_methods_run_an_exported_model(tmp_path):

@@ -307,7 +307,7 @@ def test_int8_encoder_quantisation_stays_close():
         assert (a - b).abs().max() <= 0.05 * b.abs().max()
 
 
-def test_compare_search_cli_on_a_tiny_simulated_case(tmp_path):
+def test_compare_search_cli_on_a_tiny_simulated_case(tmp_path, capsys):
     from fetaliqa.bench import main
     from fetaliqa.model import export_model
     from fetaliqa.simulate import SimConfig, simulate_case, write_case
@@ -327,3 +327,10 @@ def test_compare_search_cli_on_a_tiny_simulated_case(tmp_path):
     assert len(rows) == len(summary["searches"]) and {r["search"] for r in rows} >= {"exhaustive", "fast"}
     assert len(list((out / "stats").glob("*.npz"))) == 1
     assert main(args) == 0  # second run reads the cached exhaustive statistics
+    # a --model that is not one, a missing --image, no cases: refused, never replaced by the default
+    for bad, says in ((["--model", str(tmp_path / "nope")], "not an exported fetaliqa model"),
+                      (["--image", str(tmp_path / "nope.mha")], "no such file"),
+                      (["--cases", "0"], "--cases, --batch-size")):
+        with pytest.raises(SystemExit):
+            main([*args, *bad])
+        assert says in capsys.readouterr().err

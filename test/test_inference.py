@@ -101,6 +101,10 @@ def test_small_simulated_case_contract_extras_and_stale_outputs(tmp_path, capfd,
     assert result["ac_mm"] is None or result["ac_mm"] > 0
     for png in ("quality-curve.png", "overlay.png"):
         assert (extras / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a later run into the same output without extras leaves none of these behind
+    monkeypatch.delenv("FETALIQA_EXTRAS")
+    rc, out, err = _run(capfd, tmp_path, model=small_model)
+    assert rc == 0 and "removed an earlier run's extras" in out and not extras.exists(), err
 
 
 def test_search_from_option_or_environment(tmp_path, capfd, small_model, monkeypatch):

@@ -141,6 +141,13 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "missing.png")]) == 2
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 20), np.uint8)), str(tmp_path / "e.mha"))
     assert main([str(tmp_path / "e.mha")]) == 1
+    capsys.readouterr()
+    for bad, says in ((["--pixel-size", "0"], "--pixel-size must be a positive number"),
+                      (["--pixel-size", "-1"], "--pixel-size must be a positive number"),
+                      (["--fov", str(tmp_path / "nofov.mha")], "nofov.mha: no such file")):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "d.mha"), *bad])
+        assert says in capsys.readouterr().err
 
 
 def test_mask_grazing_the_fan_edge_and_measurable():

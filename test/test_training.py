@@ -647,6 +647,15 @@ def test_evaluate_and_compare_rules_on_simulated_cases(tmp_path, capsys):
     common = ["--model", str(model_dir), "--cases", "2", "--frames-per-sweep", "6", "--seed", "77"]
     assert evaluate.main([*common, "--seed", "5"]) == 2  # training seeds are refused
     assert "reuses training cases" in capsys.readouterr().err
+    for bad, says in ((["--cases", "0"], "--cases, --batch-size and --workers must be >= 1"),
+                      (["--frames-per-sweep", "1"], "--frames-per-sweep must be >= 2"),
+                      (["--model", str(tmp_path / "nope")], "not an exported fetaliqa model"),
+                      (["--out", str(model_dir / "model.json" / "x")], "cannot write there")):
+        with pytest.raises(SystemExit):  # refused before any case is evaluated
+            evaluate.main([*common, *bad])
+        assert says in capsys.readouterr().err
+    assert evaluate.main([*common, "--data", str(tmp_path)]) == 2  # not the release layout: one line
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
     assert evaluate.main([*common, "--compare", "--out", str(tmp_path / "one")]) == 0
     assert evaluate.main([*common, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
     one = json.loads((tmp_path / "one/summary.json").read_text())

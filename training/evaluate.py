@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
-from fetaliqa.model import load_exported
+from fetaliqa.model import is_exported_model, load_exported
 from fetaliqa.model.config import PUBLISHED_THRESHOLDS
 from fetaliqa.pipeline import FastSearch
 
@@ -85,7 +86,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(args) -> None:
-    import torch
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     _WORKER["args"], _WORKER["model"] = args, load_exported(args.model, device=args.device)
@@ -205,9 +205,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="also compare selection rules (temporal window, ellipse mask, largest area, fast "
                         "search) replayed on one exhaustive model pass per case")
     args = p.parse_args(argv)
+    if args.cases < 1 or args.batch_size < 1 or args.workers < 1:
+        p.error("--cases, --batch-size and --workers must be >= 1")
+    if args.frames_per_sweep < 2:
+        p.error(f"--frames-per-sweep must be >= 2, got {args.frames_per_sweep}")
+    if not is_exported_model(args.model):
+        p.error(f"--model {args.model}: not an exported fetaliqa model (model.json + model.safetensors)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
     if args.workers > 1 and args.threads <= 0:
         args.threads = 1
+    if args.out is not None:  # before the cases, not after them
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / ".write-probe").touch()
+            (args.out / ".write-probe").unlink()
+        except OSError as err:
+            p.error(f"--out {args.out}: cannot write there ({err.strerror or err})")
+    try:
+        return _evaluate(args)
+    except (ValueError, OSError) as err:  # DataError included: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def _evaluate(args: argparse.Namespace) -> int:
     model = load_exported(args.model, device=args.device)
     sim = model.provenance.get("simulation") or {}
     if args.data is None and sim:
