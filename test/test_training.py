@@ -101,6 +101,11 @@ def test_reader_refuses_csv_rows_it_would_misread(tmp_path):
         csv_path.write_text("\n".join([header, lines[0], bad]) + "\n")
         with pytest.raises(DataError, match=match):
             read_release(root)
+    blank = [lines[0].split(","), lines[1].split(",")]
+    blank[1][1] = ""
+    csv_path.write_text("\n".join([header, *map(",".join, blank)]) + "\n")
+    with pytest.warns(UserWarning, match=r"1 rows without a subject_id \(first: \['case001'\]\)"):
+        assert [r.subject_id for r in read_release(root)][1] == "case001"
     csv_path.write_text("uuid;subject_id\n")
     with pytest.raises(DataError, match=r"found \['uuid;subject_id'\]"):
         read_release(root)

@@ -11,6 +11,7 @@ A stack holds 6 sweeps of equal length in protocol order (sweep k = frames
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def read_release(root: Path | str) -> list[CaseRecord]:
                             "masks/stacked_fetal_abdomen/, circumferences/"
                             "fetal_abdominal_circumferences_per_sweep.csv)")
     rows: dict[str, tuple[str, tuple[float | None, ...]]] = {}
+    no_subject: list[str] = []
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(fh)
         need = ["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, N_SWEEPS + 1)]
@@ -85,6 +87,11 @@ def read_release(root: Path | str) -> list[CaseRecord]:
                 raise DataError(f"{where}: uuid {uuid} already has a row above")
             ac = tuple(_parse_ac(row[f"sweep_{k}_ac_mm"], where) for k in range(1, N_SWEEPS + 1))
             rows[uuid] = (row["subject_id"].strip() or uuid, ac)
+            if not row["subject_id"].strip():
+                no_subject.append(uuid)
+    if no_subject:  # each then counts as its own subject: cases of one mother could straddle folds
+        warnings.warn(f"{csv_path}: {len(no_subject)} rows without a subject_id (first: {no_subject[:3]}) are "
+                      "split as subjects of their own", stacklevel=2)
     images = sorted(img_dir.glob("*.mha"))
     if not images:
         raise DataError(f"{img_dir}: no .mha images found")
