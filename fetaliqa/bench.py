@@ -344,12 +344,10 @@ def load_config(model_dir: Path) -> ModelConfig:
 # ----------------------------------------------------------------------------- compare searches
 def _read_release(data: Path):
     """Yield (uuid, stack, masks, ac_mm) from a release-layout folder (simulate's training layout)."""
-    from .io import read_mask_volume, read_stack
+    from .io import read_ac_table, read_mask_volume, read_stack
 
-    rows = {}
-    with open(data / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv") as f:
-        for r in csv.DictReader(f):
-            rows[r["uuid"]] = [float(r[f"sweep_{k}_ac_mm"]) if r[f"sweep_{k}_ac_mm"] else None for k in range(1, 7)]
+    rows = {uuid: list(ac) for uuid, (_, ac) in
+            read_ac_table(data / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv").items()}
     for uuid in sorted(rows):
         stack, _ = read_stack(data / "images" / "stacked_fetal_ultrasound" / f"{uuid}.mha")
         masks = read_mask_volume(data / "masks" / "stacked_fetal_abdomen" / f"{uuid}.mha")

@@ -36,6 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from fetaliqa.io import read_ac_table, strict_json
 from fetaliqa.metrics import METRICS, aggregate, score_case, summarise_gt
 
 SEG_SLUG, FRAME_SLUG, INPUT_SLUG = "fetal-abdomen-segmentation", "fetal-abdomen-frame-number", "stacked-fetal-ultrasound"
@@ -79,9 +80,7 @@ def discover_ground_truth(root: Path) -> dict[str, GtCase]:
         csv_path = root / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"training layout without {csv_path}")
-        with open(csv_path, newline="") as fh:
-            acs = {r["uuid"]: tuple(_float_or_none(r.get(f"sweep_{k}_ac_mm")) for k in range(1, N_SWEEPS + 1))
-                   for r in csv.DictReader(fh)}
+        acs = {uuid: ac for uuid, (_, ac) in read_ac_table(csv_path).items()}
         cases = {}
         for p in sorted(masks.glob("*.mha")):
             if p.stem not in acs:
@@ -264,7 +263,7 @@ def write_reports(rows: list[dict], teams: list[str], out: Path, n_boot: int, se
         ok = [r for r in by_team[t] if not r["violation"]]
         agg = _aggregate_rows(ok)
         (out / t).mkdir(exist_ok=True)
-        (out / t / "metrics.json").write_text(_strict_json(
+        (out / t / "metrics.json").write_text(strict_json(
             {"case": {r["case"]: {k: r.get(k) for k in ("frame", *METRICS, "ac_pred_mm", "ac_ref_mm", "score",
                                                          "flags", "violation")} for r in by_team[t]},
              "aggregates": agg}))
@@ -324,24 +323,11 @@ def write_reports(rows: list[dict], teams: list[str], out: Path, n_boot: int, se
             w.writerow({**{k: _fmt(b[k], 6) for k in cols}, "rank_freq": " ".join(f"{x:.3f}" for x in b["rank_freq"])})
     _write_markdown(out, board, tests, rows, n_boot, seed, len(common), all_failing)
     _plots(out, rows, [b["team"] for b in board])
-    (out / "summary.json").write_text(_strict_json({"leaderboard": board, "permutation_tests": tests,
+    (out / "summary.json").write_text(strict_json({"leaderboard": board, "permutation_tests": tests,
                                                     "bootstrap": {"resamples": n_boot, "seed": seed,
                                                                   "paired_cases": len(common),
                                                                   "paired_teams": ranked}}))
     return board
-
-
-def _strict_json(obj: Any) -> str:
-    """JSON without the non-standard Infinity/NaN tokens: non-finite floats become "inf"/"-inf"/"nan"."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -7,7 +7,9 @@ Outputs are written atomically: a temporary name in the destination folder, then
 """
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -190,3 +192,65 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+AC_SWEEP_COLUMNS = tuple(f"sweep_{k}_ac_mm" for k in range(1, 7))
+
+
+def _parse_ac(text: str, where: str) -> float | None:
+    text = text.strip()
+    if text == "" or text.lower() in {"nan", "none", "null"}:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number or an empty cell, got {text!r}") from None
+    return None if math.isnan(value) else value
+
+
+def read_ac_table(path: Path, require: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[float | None, ...]]]:
+    """The release's circumference CSV (``fetal_abdominal_circumferences_per_sweep.csv``): uuid ->
+    (subject_id, '' when absent or blank; the six sweeps' reference ACs in mm, None where empty).
+
+    ValueError naming the file and line for what would otherwise be misread: missing columns
+    (``uuid``, the six ``sweep_k_ac_mm`` and ``require``), a row with more or fewer fields than
+    the header (a decimal comma shifts every later AC), a uuid given twice, a cell that is not a
+    number. A spreadsheet's byte-order mark is read as such."""
+    path = Path(path)
+    rows: dict[str, tuple[str, tuple[float | None, ...]]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        need = ["uuid", *require, *AC_SWEEP_COLUMNS]
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}; expected {need}, found {reader.fieldnames}")
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            extra = row.get(None) or []  # DictReader's marks of too many / too few fields
+            short = sum(v is None for k, v in row.items() if k is not None)
+            if extra or short:
+                raise ValueError(f"{where}: {len(reader.fieldnames) + len(extra) - short} fields, the header has "
+                                 f"{len(reader.fieldnames)} (a decimal comma, or a missing or extra separator?)")
+            uuid = row["uuid"].strip()
+            if uuid in rows:
+                raise ValueError(f"{where}: uuid {uuid} already has a row above")
+            rows[uuid] = ((row.get("subject_id") or "").strip(),
+                          tuple(_parse_ac(row[c], where) for c in AC_SWEEP_COLUMNS))
+    return rows
+
+
+def strict_json(obj: Any, indent: int = 2) -> str:
+    """JSON without the non-standard Infinity/NaN tokens (which strict parsers refuse):
+    non-finite floats become the strings "inf", "-inf", "nan"; numpy scalars become numbers,
+    anything else JSON has no form for (paths, ...) its str."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, default=str)

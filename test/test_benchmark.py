@@ -240,6 +240,14 @@ def test_cli_errors(tmp_path, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["--ground-truth", str(tmp_path), "--out", str(tmp_path / "r"), "--predictions", f"a={tmp_path}"]) == 2
     assert "layout" in capsys.readouterr().err
+    # a GT CSV row it would misread (a decimal comma shifts the later ACs): one line naming the line
+    gt = tmp_path / "gt"
+    write_gt(gt, "training")
+    csv_path = gt / "circumferences" / "fetal_abdominal_circumferences_per_sweep.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([lines[0], lines[1].replace(",16.0,", ",16,5,")] + lines[2:]) + "\n")
+    assert main(["--ground-truth", str(gt), "--out", str(tmp_path / "r"), "--predictions", f"a={tmp_path}"]) == 2
+    assert "line 2: 9 fields, the header has 8" in capsys.readouterr().err
     for bad in (["--bootstrap", "0"], ["--workers", "0"], ["--frames-per-sweep", "0"]):
         with pytest.raises(SystemExit):  # refused before any case is scored
             main(["--ground-truth", str(tmp_path), "--out", str(tmp_path / "r"), "--predictions", f"a={tmp_path}", *bad])

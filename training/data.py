@@ -10,13 +10,14 @@ A stack holds 6 sweeps of equal length in protocol order (sweep k = frames
 """
 from __future__ import annotations
 
-import csv
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from fetaliqa.io import read_ac_table
 
 N_SWEEPS = 6
 IMAGES_DIR = Path("images/stacked_fetal_ultrasound")
@@ -44,16 +45,6 @@ class CaseRecord:
         return [k for k, v in enumerate(self.ac_mm) if v is not None]
 
 
-def _parse_ac(text: str, where: str) -> float | None:
-    text = text.strip()
-    if text == "" or text.lower() in {"nan", "none", "null"}:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise DataError(f"{where}: expected a number or an empty cell, got {text!r}") from None
-
-
 def read_release(root: Path | str) -> list[CaseRecord]:
     """Index a release-layout folder (no pixel data read). Cases sorted by uuid.
 
@@ -67,28 +58,12 @@ def read_release(root: Path | str) -> list[CaseRecord]:
                             "(expected the ACOUSLIC-AI release layout: images/stacked_fetal_ultrasound/, "
                             "masks/stacked_fetal_abdomen/, circumferences/"
                             "fetal_abdominal_circumferences_per_sweep.csv)")
-    rows: dict[str, tuple[str, tuple[float | None, ...]]] = {}
-    no_subject: list[str] = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
-        reader = csv.DictReader(fh)
-        need = ["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, N_SWEEPS + 1)]
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{csv_path}: missing columns {missing}; expected {need}, found {reader.fieldnames}")
-        for row in reader:
-            where = f"{csv_path} line {reader.line_num}"
-            extra = row.get(None) or []  # DictReader's marks of too many / too few fields
-            short = sum(v is None for k, v in row.items() if k is not None)
-            if extra or short:
-                raise DataError(f"{where}: {len(reader.fieldnames) + len(extra) - short} fields, the header has "
-                                f"{len(reader.fieldnames)} (a decimal comma, or a missing or extra separator?)")
-            uuid = row["uuid"].strip()
-            if uuid in rows:
-                raise DataError(f"{where}: uuid {uuid} already has a row above")
-            ac = tuple(_parse_ac(row[f"sweep_{k}_ac_mm"], where) for k in range(1, N_SWEEPS + 1))
-            rows[uuid] = (row["subject_id"].strip() or uuid, ac)
-            if not row["subject_id"].strip():
-                no_subject.append(uuid)
+    try:
+        table = read_ac_table(csv_path, require=("subject_id",))
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    rows = {uuid: (subject or uuid, ac) for uuid, (subject, ac) in table.items()}
+    no_subject = [uuid for uuid, (subject, _) in table.items() if not subject]
     if no_subject:  # each then counts as its own subject: cases of one mother could straddle folds
         warnings.warn(f"{csv_path}: {len(no_subject)} rows without a subject_id (first: {no_subject[:3]}) are "
                       "split as subjects of their own", stacklevel=2)

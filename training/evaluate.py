@@ -19,7 +19,6 @@ of the defaults (temporal window, mask vs ellipse, shape factor, sweep prior, th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fetaliqa.io import strict_json
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
 from fetaliqa.model import is_exported_model, load_exported
 from fetaliqa.model.config import PUBLISHED_THRESHOLDS
@@ -319,7 +319,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             w = csv.DictWriter(fh, list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        (args.out / "summary.json").write_text(strict_json(summary, indent=1))  # "nan" for nan
         write_frames(args.out / "frames.npz", results, model.config.pixel_threshold)
         if args.compare:  # one row per case and rule: which frame, what it scored, frames it cost
             with open(args.out / "compare_per_case.csv", "w", newline="") as fh:
