@@ -205,7 +205,10 @@ def _run(args: argparse.Namespace, debug: bool) -> None:
     timings["write"] = time.perf_counter() - t
     log.info("wrote %s and %s (frame %d)", seg_dir / "output.mha", frame_json, frame)
 
-    clear_extras(args.output / "extras", keep_folder=extras_dir is not None)  # never pass for this run's
+    try:  # an earlier run's extras never pass for this one's
+        clear_extras(args.output / "extras", keep_folder=extras_dir is not None)
+    except OSError as err:  # extras are for people; they never fail the job
+        log.warning("warning: an earlier run's extras in %s could not be removed: %s", args.output / "extras", err)
     if extras_dir is not None:
         t = time.perf_counter()
         try:

@@ -486,7 +486,7 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
         name = Path(model_dir).resolve().name
         cfg = model.config
         policies = {name: cfg}
-        if (cfg.pixel_threshold, cfg.area_threshold) != tuple(PUBLISHED_THRESHOLDS.values()):
+        if any(getattr(cfg, k) != v for k, v in PUBLISHED_THRESHOLDS.items()):
             policies[f"{name}-published"] = dataclasses.replace(cfg, **PUBLISHED_THRESHOLDS)
         dirs = {t: Path(out) / t for t in [*policies, f"{name}-largest-area"]}
         for u, g in tqdm(gt.items(), desc=f"{name}: cases", unit="case", disable=not progress, file=sys.stderr):

@@ -6,12 +6,13 @@
 #   bash test/make_constraints.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-touch constraints.txt  # setup_env.sh reads it; rewritten below
-source test/setup_env.sh
+# no setup_env.sh here: it installs with the old constraints, which a changed pin contradicts
+py="${FETALIQA_VENV:-.venv}/bin/python"
+[ -x "$py" ] || py=python3
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
-python -m pip install -q --dry-run --ignore-installed --report "$report" -r requirements-dev.txt
-python - "$report" <<'PY' > constraints.txt
+"$py" -m pip install -q --dry-run --ignore-installed --report "$report" -r requirements-dev.txt
+"$py" - "$report" <<'PY' > constraints.txt
 import json, sys
 pkgs = json.load(open(sys.argv[1]))["install"]
 skip = {"pip", "setuptools", "wheel"}  # the installer's own, upgraded apart

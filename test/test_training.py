@@ -454,15 +454,18 @@ def test_resume_continues_exactly_and_export_round_trip(tiny, cache112, tmp_path
     a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
     assert len(a) == 4 and a == b  # same losses and learning rates, bit for bit
     # a --resume under other training settings, or another split, is refused in one line, the run untouched
-    last = (tmp_path / "b/last.pt").read_bytes()
+    last, args_json = (tmp_path / "b/last.pt").read_bytes(), (tmp_path / "b/args.json").read_text()
     for extra, says in ((["--lr", "5e-4", "--batch-size", "2"], "written with --batch-size 4 (now 2); --lr 0.001 "
                                                                 "(now 0.0005): give the same settings"),
-                        (["--seed", "7"], "split.json was made with --seed 0 (now 7); give the same split options"),
+                        (["--seed", "7", "--run-seed", "0"], "split.json was made with --seed 0 (now 7); give the "
+                                                             "same split options"),
+                        (["--seed", "7"], "--run-seed 0 (now 7)"),
                         (["--folds", "4", "--val-fold", "1"], "made with --folds 3 (now 4), --val-fold 0 (now 1);")):
         assert T.main([*common, "--out", str(tmp_path / "b"), "--resume", "--no-export", *extra]) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err
     assert (tmp_path / "b/last.pt").read_bytes() == last and _steps(tmp_path / "b") == b
+    assert (tmp_path / "b/args.json").read_text() == args_json  # the run's record names what it ran with
     # export -> load -> same predictions as the best checkpoint in memory
     args = T.parse_args([*common, "--out", str(tmp_path / "a")])
     model = T.make_model(args)
@@ -591,6 +594,8 @@ def test_cls_threshold_is_calibrated_not_the_published_half(tiny, cache112, tmp_
     want = calibrate_score_threshold(pred["cls_prob"], pred["labels"], key="cls_threshold")
     assert cal["cls_decision"] == pytest.approx(want)
     assert m.config.cls_threshold == pytest.approx(want["cls_threshold"]) != 0.5
+    from training.calibrate import PUBLISHED, threshold_policy
+    assert threshold_policy(m.config, PUBLISHED).cls_threshold == 0.5  # the published baseline stays published
 
 
 def test_torchrun_two_processes(cache112, tmp_path):

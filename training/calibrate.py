@@ -230,11 +230,12 @@ def _with_frame_metrics(cal: dict, cache, pred: dict) -> dict:
 
 def threshold_policy(config, th: dict, selection: dict | None = None):
     """``config`` with one calibration's thresholds (a grid entry or PUBLISHED): its pixel and
-    area thresholds, its quality-score cut when it has one (else the area rule decides) and
-    the selection fields."""
+    area thresholds, its quality-score cut when it has one (else the area rule decides), its
+    CLS cut when it has one (PUBLISHED: 0.5) and the selection fields."""
     cut = th.get("score_decision", {}).get("score_threshold")
+    cls = {"cls_threshold": th["cls_threshold"]} if "cls_threshold" in th else {}
     return dataclasses.replace(config, pixel_threshold=th["pixel_threshold"], area_threshold=th["area_threshold"],
-                               score_threshold=cut, **(selection or {}))
+                               score_threshold=cut, **cls, **(selection or {}))
 
 
 def choose_by_case_score(cal: dict, checks: dict) -> float:

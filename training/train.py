@@ -727,6 +727,10 @@ def check_resume(ck: dict, args: argparse.Namespace, world: int, path: Path) -> 
     if differ:
         raise ValueError(f"--resume: {path} was written with {'; '.join(differ)}: give the same settings to "
                          "continue it, or a new --out for a new run")
+    if saved.get("encoder") == "lora" and not ck.get("lora_out_proj_once"):
+        raise ValueError(f"--resume: {path} holds LoRA adapters trained before their attention out-projection "
+                         "was counted once (peft counted it twice, docs/training.md): continuing would change "
+                         "what they compute; start a new --out")
     ranks = len(ck["rng"]) if isinstance(ck.get("rng"), list) else 1
     if ranks != world:
         raise ValueError(f"--resume: {path} was written by {ranks} process(es), this run has {world}; resume "
@@ -765,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
+    ck = None
+    if args.resume and last_path.exists():  # refused before anything of the run is rewritten (args.json)
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        check_resume(ck, args, world, last_path)
     torch.manual_seed(args.run_seed)
     np.random.seed(args.run_seed)
     random.seed(args.run_seed)
@@ -800,10 +809,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
     aug_cfg = AugmentConfig()
 
     start_epoch, start_micro, step, best = 0, 0, 0, -math.inf
-    last_path, best_path = args.out / "last.pt", args.out / "best.pt"
-    if args.resume and last_path.exists():
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        check_resume(ck, args, world, last_path)
+    if ck is not None:
         load_trainable_state(model, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -839,6 +845,7 @@ def _train(args, rank: int, world: int, device: torch.device, is_main: bool) -> 
             atomic_save({"model": trainable_state(model), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                          "epoch": epoch, "micro": micro, "step": step, "best": best,
+                         "lora_out_proj_once": True,  # fetaliqa.model.lora.apply_lora's correction
                          "config": cfg.to_dict(), "args": vars(args) | {"out": str(args.out)}}, last_path)
 
     stop = False
@@ -966,7 +973,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
                           by_frame_head=args.good_by == "frame")
     pred = cal.pop("_pred", None)
     # the exported decision: with --good-by frame the frame head's cut (the published policy keeps its area rule)
-    decided = selection | ({"frame_threshold": cal["frame_decision"]["frame_threshold"]}
+    by_cls = {"cls_threshold": cal["cls_decision"]["cls_threshold"]} if "cls_decision" in cal else {}
+    decided = selection | by_cls | ({"frame_threshold": cal["frame_decision"]["frame_threshold"]}
                            if "frame_decision" in cal else {})
     checks = {}
     if args.case_check and records:
@@ -985,10 +993,8 @@ def finish(args, model, cache: FrameCache, split: Split, records: list, device, 
             cal = at_pixel_threshold(cal, cache, pred, t, chosen_by="case score")
             checks["calibrated"] = checks[grid_name(t)]
     by_score = cal.get("score_decision", {}).get("score_threshold")
-    by_cls = {"cls_threshold": cal["cls_decision"]["cls_threshold"]} if "cls_decision" in cal else {}
     model.config = dataclasses.replace(model.config, pixel_threshold=cal["pixel_threshold"],
-                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **decided,
-                                       **by_cls)
+                                       area_threshold=cal["area_threshold"], score_threshold=by_score, **decided)
     calib = {**cal, "case_check": checks}
     (args.out / "calibration.json").write_text(json.dumps(json_safe(calib), indent=1))
     provenance = {

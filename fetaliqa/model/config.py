@@ -73,9 +73,9 @@ class LoraSettings:
 
 
 # The published FetalCLIP-SEG decision: a pixel is foreground above 0.5 and a frame is good
-# when its foreground covers at least 1 % of the model input (hand-set; training calibrates
-# its own, stored in the exported config).
-PUBLISHED_THRESHOLDS = {"pixel_threshold": 0.5, "area_threshold": 0.01}
+# when its foreground covers at least 1 % of the model input; FetalCLIP-CLS's: a probability
+# of at least 0.5 (hand-set; training calibrates its own, stored in the exported config).
+PUBLISHED_THRESHOLDS = {"pixel_threshold": 0.5, "area_threshold": 0.01, "cls_threshold": 0.5}
 
 
 @dataclass
