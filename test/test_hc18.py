@@ -93,7 +93,8 @@ def test_hc18_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert hc18.main(["--data", str(root), "--out", str(out), "--procs", "1", "--threads", "1", "--epochs", "2",
                       "--val-every", "1", "--decoder-width", "4", "--batch-size", "4", "--device", "cpu",
-                      "--no-progress"]) == 0
+                      "--no-progress", "--image-size=224"]) == 0  # the = form reaches the cache too
+    assert (out / "cache224").is_dir() and not (out / "cache112").exists()
     summary = json.loads((out / "hc18_summary.json").read_text())
     split = Split.load(out / "run" / "split.json")
     assert len(split.folds) == 5 and split.test and split.val

@@ -75,6 +75,9 @@ def test_deterministic(small_case):
     other = sim.simulate_case(seed + 1, SMALL)
     assert other.uuid != case.uuid and other.stack.tobytes() != case.stack.tobytes()
     assert sim.case_seed(3, 1) == sim.case_seed(3, 1) != sim.case_seed(3, 2) != sim.case_seed(4, 2)
+    for alias in (2 ** 32, -1):  # the stream keeps 32 bits: 2**32 would be seed 0's cases again
+        with pytest.raises(ValueError, match="outside 0.."):
+            sim.case_seed(alias, 0)
 
 
 def test_fan_matches_official_fov():

@@ -159,6 +159,56 @@ def test_cache_matches_direct_computation_and_rebuilds_only_on_change(tiny, tmp_
         np.testing.assert_array_equal(getattr(par, k), getattr(whole, k))
 
 
+def test_cache_build_never_deletes_a_foreign_folder_nor_leaves_a_half_build(tiny, tmp_path, monkeypatch):
+    from training import cache as cache_mod
+    recs = read_release(tiny)[:2]
+    notes = tmp_path / "runs"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a frame cache"):
+        build_cache(recs, notes, CacheConfig(size=32), progress=False)
+    assert (notes / "notes.txt").read_text() == "mine"
+    dead = tmp_path / "c.tmp-999999999"  # a killed build's leftover (no such process)
+    dead.mkdir()
+    real = cache_mod._preprocess_case
+    calls = []
+
+    def fail_second(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job)
+    monkeypatch.setattr(cache_mod, "_preprocess_case", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(recs, tmp_path / "c", CacheConfig(size=32), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # neither leftover stays
+
+
+@pytest.mark.parametrize("policy", ["any", "optimal"])
+def test_frame_head_mask_supervision_follows_the_label_policy(cache112, monkeypatch, policy):
+    from training import frame_head as fh
+    masks = np.asarray(cache112.masks)
+    sub_only = np.flatnonzero([(m == 2).any() and not (m == 1).any() for m in masks])
+    assert len(sub_only)  # the tiny set has suboptimal-only frames
+    targets = []
+    real = fh.F.binary_cross_entropy_with_logits
+
+    def record(logits, target):
+        if target.ndim == 4:
+            targets.append(target.detach().clone())
+        return real(logits, target)
+    monkeypatch.setattr(fh.F, "binary_cross_entropy_with_logits", record)
+    net = torch.nn.Conv2d(1, 1, 1)
+    forward = lambda x: (net(x[:, None] / 255).mean((1, 2, 3)), net(x[:, None] / 255)[:, :, ::16, ::16])  # noqa: E731
+    labels = cache112.binary_labels(policy)
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    fh.fit_frame_classifier(net, forward, cache112, pos, neg, steps=1, batch_size=len(pos) + len(neg), lr=1e-3,
+                            weight_decay=0.0, warmup=0, neg_ratio=-1, seed=0, augment=None, mask_weight=1.0,
+                            label_policy=policy, progress=False)
+    covered = targets[0].flatten(1).amax(1) > 0  # rows in sorted order: every cache row
+    assert covered[sub_only].all() == (policy == "any") and covered[sub_only].any() == (policy == "any")
+
+
 # ----------------------------------------------------------------------------- augmentation
 def test_augmentation_keeps_frame_and_mask_aligned():
     g = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ renamed, so an interrupted build never leaves a cache that looks complete.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -116,11 +117,28 @@ class FrameCache:
         raise ValueError(f"label policy must be one of {POLICIES}, got {policy!r}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class CacheWriter:
     """Fill a new cache folder case by case; `close()` makes it visible atomically."""
 
     def __init__(self, root: Path, n_frames: int, size: int, meta: dict):
         self.root = Path(root)
+        if self.root.exists() and any(self.root.iterdir()) and not (self.root / "meta.json").exists():
+            raise ValueError(f"{self.root} holds files but is not a frame cache (no meta.json): building one "
+                             "there would delete them; give a new or empty folder")
+        for old in self.root.parent.glob(f"{glob.escape(self.root.name)}.tmp-*"):  # builds that were killed
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
         self.tmp = self.root.with_name(self.root.name + f".tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
@@ -139,6 +157,11 @@ class CacheWriter:
         self.index[r:r + n] = list(zip(np.full(n, len(self.meta["cases"])), sweeps, frame_idx, labels))
         self.meta["cases"].append(dict(case, start=r, count=n))
         self.row += n
+
+    def abort(self) -> None:
+        """Drop the half-written folder (a failed or interrupted build)."""
+        self.frames = self.masks = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def close(self) -> FrameCache:
         if self.row != len(self.index):
@@ -209,6 +232,9 @@ def build_cache(records: list[CaseRecord], root: Path | str, config: CacheConfig
                         "shape": list(shape), "ac_mm": list(rec.ac_mm)},
                        frames_sq, masks_sq, idx // fps, idx, labels)
             bar.update(len(idx))
+    except BaseException:  # KeyboardInterrupt too: no multi-GB leftover beside the cache
+        writer.abort()
+        raise
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

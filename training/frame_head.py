@@ -63,7 +63,7 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
                          neg: np.ndarray, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                          warmup: int, neg_ratio: float, seed: int, augment: AugmentConfig | None,
                          hard: np.ndarray | None = None, hard_frac: float = 0.0, mask_weight: float = 0.0,
-                         device: torch.device | str = "cpu", channels_last: bool = False, progress: bool = True,
+                         label_policy: str = "any", device: torch.device | str = "cpu", channels_last: bool = False, progress: bool = True,
                          desc: str = "frame head") -> dict:
     """Train ``net`` (all its parameters) as a binary frame classifier for ``steps`` steps of
     ``batch_size`` cache rows; ``forward`` maps augmented frames (B, S, S) float 0..255 to (B,)
@@ -72,7 +72,8 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
     that fraction of each epoch's negatives drawn from ``hard`` (``train.epoch_rows``).
     mask_weight > 0: deep supervision; ``forward`` returns (logits, cell logits (B, 1, g, g)) and
     the loss adds mask_weight x the BCE of the cells against the fraction of each cell the
-    (augmented) label mask covers: where the annotated abdomen lies, not only whether.
+    (augmented) label mask covers: where the annotated abdomen lies, not only whether; under
+    ``label_policy`` "optimal" only the optimal label (1) covers, as the frame labels say.
     channels_last: ``net`` trains in that memory format (back to the default after) and
     ``forward`` should feed it NHWC-strided input: the CPU's convolutions run about 30 % faster
     so (the same maths up to float reassociation).
@@ -104,7 +105,8 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
                 g["lr"] = lr * lr_factor(step, steps, warmup, "cosine")
             if mask_weight > 0:
                 logits, cells = forward(x)
-                cover = F.adaptive_avg_pool2d((m > 0).float()[:, None].to(device), cells.shape[-2:])
+                covered = (m == 1) if label_policy == "optimal" else (m > 0)
+                cover = F.adaptive_avg_pool2d(covered.float()[:, None].to(device), cells.shape[-2:])
                 mask_loss = F.binary_cross_entropy_with_logits(cells, cover)
                 mask_losses.append(mask_loss.item())
             else:
@@ -162,7 +164,8 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
             net, lambda x: net(normalize(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)),
             cache, pos, neg, steps=args.frame_steps, batch_size=args.frame_batch_size, lr=args.frame_lr,
             weight_decay=args.weight_decay, warmup=args.frame_warmup, neg_ratio=args.neg_ratio, seed=args.run_seed,
-            augment=None if args.no_augment else AugmentConfig(), mask_weight=args.frame_mask_weight, device=device,
+            augment=None if args.no_augment else AugmentConfig(), mask_weight=args.frame_mask_weight,
+            label_policy=args.label_policy, device=device,
             channels_last=True, progress=args.progress)
         atomic_save({"settings": settings, "state": {k: v.cpu() for k, v in head.state_dict().items()},
                      "info": info}, path)

@@ -135,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pixel-threshold", type=float, default=None,
                    help="score the held-out fold at this threshold (default: the one of %s with the lowest "
                         "HC MAE on the validation fold)" % "/".join(map(str, THRESHOLDS)))
+    p.add_argument("--image-size", type=int, default=112, help="model input side (passed on to training.train)")
     a, rest = p.parse_known_args(argv)
+    if a.image_size < 16:
+        p.error(f"--image-size must be >= 16, got {a.image_size}")
     items = read_hc18(a.data)[:a.limit or None]
     t0 = time.time()
-    size = int(rest[rest.index("--image-size") + 1]) if "--image-size" in rest else 112
+    size = a.image_size
+    rest = [*rest, "--image-size", str(size)]  # the cache and the model agree, however it was written
     cache = build_hc18_cache(items, a.out / f"cache{size}", size)
     from . import train
     rc = train.run_training([*DEFAULTS, "--cache", str(cache.root), "--out", str(a.out / "run"), *rest,

@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                    augment=AugmentConfig(), channels_last=args.channels_last,
                                    hard=same_sweep_negatives(cache.index, pos, neg) if args.hard_neg_frac else None,
                                    hard_frac=args.hard_neg_frac, mask_weight=args.mask_weight,
+                                   label_policy=run_args.get("label_policy", "any"),
                                    progress=args.progress, desc="probe")
     except ValueError as e:  # an epoch smaller than a batch
         sys.exit(f"{e}: lower --batch-size")

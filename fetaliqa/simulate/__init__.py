@@ -70,8 +70,11 @@ class SimulatedCase:
 
 
 def case_seed(seed: int, index: int) -> int:
-    """Seed of case ``index`` of a run started with ``--seed seed`` (independent streams)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
+    """Seed of case ``index`` of a run started with ``--seed seed`` (independent streams). ``seed``
+    in 0..2**32-1: the stream keeps 32 bits of it, so larger or negative seeds would alias others."""
+    if not 0 <= int(seed) <= 0xFFFFFFFF:
+        raise ValueError(f"run seed {seed} outside 0..{0xFFFFFFFF} (it would give another seed's cases)")
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
 def _runs(mask: np.ndarray) -> list[int]:
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", action="store_true", help="print label statistics of the cases "
                    "(geometry only, fast); writes nothing")
     a = p.parse_args(argv)
+    if not 0 <= a.seed <= 0xFFFFFFFF:
+        p.error(f"--seed must be in 0..{0xFFFFFFFF}, got {a.seed}")
+    if a.stats and a.cases < 1:
+        p.error("--stats needs --cases >= 1")
     try:
         cfg = SimConfig(frames_per_sweep=a.frames_per_sweep, rows=a.size[0], cols=a.size[1], noise=a.noise,
                         contrast=a.contrast, wobble=a.wobble, gain=a.gain, blur=a.blur)
