@@ -380,9 +380,8 @@ def _write_markdown(out: Path, board: list[dict], tests: list[dict], rows: list[
               "case makes a team's mean Dice, soft Dice and score +inf: the official leaderboard would rank it "
               "first. It happens for frame -1 (scored against the last GT frame, almost never annotated) and for "
               "an empty mask on any unannotated frame (`dice_inf_empty` below; `--mode corrected` gives finite "
-              "numbers). Teams: " + ", ".join(
-                  f"{b['team']} ({sum(1 for r in rows if r['team'] == b['team'] and 'dice_inf_empty' in (r.get('flags') or ''))} cases)"
-                  for b in infinite) + "."]
+              "numbers). Teams: " + ", ".join(f"{b['team']} ({_n_flagged(rows, b['team'], 'dice_inf_empty')} cases)"
+                                              for b in infinite) + "."]
     flagged = [r for r in rows if r.get("flags")]
     L += ["", "## Cases where a quirk of the official evaluation decided the number", ""]
     L += [f"- {r['team']} / {r['case']}: {r['flags']}" for r in flagged] or ["none"]
@@ -395,6 +394,10 @@ def _write_markdown(out: Path, board: list[dict], tests: list[dict], rows: list[
         L += [f"- {r['team']} / {r['case']}" for r in extra]
     L += ["", "![scores](score_distribution.png) ![Bland-Altman](bland_altman.png) ![WFSS](wfss_outcomes.png)", ""]
     (out / "leaderboard.md").write_text("\n".join(L))
+
+
+def _n_flagged(rows: list[dict], team: str, flag: str) -> int:
+    return sum(1 for r in rows if r["team"] == team and flag in (r.get("flags") or "").split(";"))
 
 
 def _plots(out: Path, rows: list[dict], teams: list[str]) -> None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fetaliqa.benchmark import TeamCase, Violation, bootstrap, discover_ground_truth, load_team_case, main, permutation_test
+from fetaliqa.benchmark import (TeamCase, Violation, bootstrap, discover_ground_truth, load_team_case, main,
+                                permutation_test)
 from fetaliqa.metrics import score_case
 
 F, R, C = 24, 40, 50  # 6 sweeps x 4 frames

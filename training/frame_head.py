@@ -63,8 +63,8 @@ def fit_frame_classifier(net: nn.Module, forward: Callable[[torch.Tensor], torch
                          neg: np.ndarray, *, steps: int, batch_size: int, lr: float, weight_decay: float,
                          warmup: int, neg_ratio: float, seed: int, augment: AugmentConfig | None,
                          hard: np.ndarray | None = None, hard_frac: float = 0.0, mask_weight: float = 0.0,
-                         label_policy: str = "any", device: torch.device | str = "cpu", channels_last: bool = False, progress: bool = True,
-                         desc: str = "frame head") -> dict:
+                         label_policy: str = "any", device: torch.device | str = "cpu", channels_last: bool = False,
+                         progress: bool = True, desc: str = "frame head") -> dict:
     """Train ``net`` (all its parameters) as a binary frame classifier for ``steps`` steps of
     ``batch_size`` cache rows; ``forward`` maps augmented frames (B, S, S) float 0..255 to (B,)
     logits through ``net`` (on ``device``). pos, neg: annotated and other training rows.
