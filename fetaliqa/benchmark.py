@@ -489,8 +489,10 @@ def run_methods(gt_root: Path, model_dirs: list[Path], out: Path, *, device: str
         name = Path(model_dir).resolve().name
         cfg = model.config
         policies = {name: cfg}
-        if any(getattr(cfg, k) != v for k, v in PUBLISHED_THRESHOLDS.items()):
-            policies[f"{name}-published"] = dataclasses.replace(cfg, **PUBLISHED_THRESHOLDS)
+        # the published decision: the area rule at 0.5 / 1 % (CLS at 0.5), no calibrated score or frame-head cut
+        published = dataclasses.replace(cfg, **PUBLISHED_THRESHOLDS, score_threshold=None, frame_threshold=None)
+        if published != cfg:
+            policies[f"{name}-published"] = published
         dirs = {t: Path(out) / t for t in [*policies, f"{name}-largest-area"]}
         for u, g in tqdm(gt.items(), desc=f"{name}: cases", unit="case", disable=not progress, file=sys.stderr):
             stack, ref = read_stack(g.image_path)

@@ -205,6 +205,8 @@ def _parse_ac(text: str, where: str) -> float | None:
         value = float(text)
     except ValueError:
         raise ValueError(f"{where}: expected a number or an empty cell, got {text!r}") from None
+    if math.isinf(value):
+        raise ValueError(f"{where}: expected a finite number or an empty cell, got {text!r}")
     return None if math.isnan(value) else value
 
 
@@ -226,12 +228,16 @@ def read_ac_table(path: Path, require: tuple[str, ...] = ()) -> dict[str, tuple[
             raise ValueError(f"{path}: missing columns {missing}; expected {need}, found {reader.fieldnames}")
         for row in reader:
             where = f"{path} line {reader.line_num}"
+            if not any((v or "").strip() for k, v in row.items() if k is not None) and not row.get(None):
+                continue  # a blank or separators-only line (spreadsheet exports end with some)
             extra = row.get(None) or []  # DictReader's marks of too many / too few fields
             short = sum(v is None for k, v in row.items() if k is not None)
             if extra or short:
                 raise ValueError(f"{where}: {len(reader.fieldnames) + len(extra) - short} fields, the header has "
                                  f"{len(reader.fieldnames)} (a decimal comma, or a missing or extra separator?)")
             uuid = row["uuid"].strip()
+            if not uuid:
+                raise ValueError(f"{where}: no uuid")
             if uuid in rows:
                 raise ValueError(f"{where}: uuid {uuid} already has a row above")
             rows[uuid] = ((row.get("subject_id") or "").strip(),

@@ -106,6 +106,15 @@ def test_reader_refuses_csv_rows_it_would_misread(tmp_path):
     csv_path.write_text("\n".join([header, *map(",".join, blank)]) + "\n")
     with pytest.warns(UserWarning, match=r"1 rows without a subject_id \(first: \['case001'\]\)"):
         assert [r.subject_id for r in read_release(root)][1] == "case001"
+    # separators-only and blank lines are skipped; a row without a uuid, or an infinite AC, is named
+    csv_path.write_text("\n".join([header, *lines, ",,,,,,,", ",,,,,,,", "   "]) + "\n")
+    assert [r.ac_mm for r in read_release(root)] == good
+    cells0 = lines[0].split(",")
+    for bad, match in ((",".join(["", *cells0[1:]]), "line 3: no uuid"),
+                       (",".join([cells0[0] + "x", cells0[1], "inf", *cells0[3:]]), "line 3: expected a finite")):
+        csv_path.write_text("\n".join([header, lines[1], bad]) + "\n")
+        with pytest.raises(DataError, match=match):
+            read_release(root)
     csv_path.write_text("uuid;subject_id\n")
     with pytest.raises(DataError, match=r"found \['uuid;subject_id'\]"):
         read_release(root)
@@ -168,8 +177,11 @@ def test_cache_build_never_deletes_a_foreign_folder_nor_leaves_a_half_build(tiny
     with pytest.raises(ValueError, match="is not a frame cache"):
         build_cache(recs, notes, CacheConfig(size=32), progress=False)
     assert (notes / "notes.txt").read_text() == "mine"
-    dead = tmp_path / "c.tmp-999999999"  # a killed build's leftover (no such process)
+    dead = tmp_path / "c.tmp-999999999"  # a killed build's leftover (no such process), hours old
     dead.mkdir()
+    os.utime(dead, (1, 1))
+    fresh = tmp_path / "c.tmp-999999998"  # as dead here, but just written: maybe another host's build
+    fresh.mkdir()
     real = cache_mod._preprocess_case
     calls = []
 
@@ -181,7 +193,7 @@ def test_cache_build_never_deletes_a_foreign_folder_nor_leaves_a_half_build(tiny
     monkeypatch.setattr(cache_mod, "_preprocess_case", fail_second)
     with pytest.raises(KeyboardInterrupt):
         build_cache(recs, tmp_path / "c", CacheConfig(size=32), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # neither leftover stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tmp-999999998", "runs"]  # no other leftover
 
 
 @pytest.mark.parametrize("policy", ["any", "optimal"])

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,8 +137,8 @@ class CacheWriter:
             raise ValueError(f"{self.root} holds files but is not a frame cache (no meta.json): building one "
                              "there would delete them; give a new or empty folder")
         for old in self.root.parent.glob(f"{glob.escape(self.root.name)}.tmp-*"):  # builds that were killed
-            pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            pid = old.name.rsplit("-", 1)[-1]  # (an hour untouched: not another host's build on shared storage)
+            if pid.isdigit() and not _alive(int(pid)) and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)
         self.tmp = self.root.with_name(self.root.name + f".tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)

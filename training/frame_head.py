@@ -145,6 +145,8 @@ def add_frame_head(model: nn.Module, args, cache, pos: np.ndarray, neg: np.ndarr
                 "seed": args.run_seed, "augment": not args.no_augment, "label_policy": args.label_policy,
                 "cache_fingerprint": cache.meta.get("fingerprint"), "positives": int(len(pos)),
                 "training_frames": int(len(pos) + len(neg)), "channels_last": True}
+    if args.label_policy == "optimal" and args.frame_mask_weight > 0:  # heads saved before this covered label 2 too
+        settings["mask_cover"] = "optimal label only"
     saved = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
     reuse = saved is not None and saved.get("settings") == settings
     if reuse:

@@ -77,12 +77,16 @@ def build_hc18_cache(items: list[dict], root: Path, size: int) -> FrameCache:
     if (root / "meta.json").exists() and FrameCache(root).meta.get("fingerprint") == fp:
         return FrameCache(root)
     w = CacheWriter(root, len(items), size, {"fingerprint": fp, "config": {"size": size, "selection": "hc18"}})
-    for it in tqdm(items, desc="HC18 cache", unit="image", file=sys.stderr):
-        img = cv2.imread(str(it["image"]), cv2.IMREAD_GRAYSCALE)
-        m = filled_mask(cv2.imread(str(it["annotation"]), cv2.IMREAD_GRAYSCALE))
-        w.add({"uuid": it["name"], "subject_id": it["subject"], "frames_per_sweep": 1, "shape": [1, *img.shape],
-               "ac_mm": [it["hc_mm"]]}, _frames_to_square(img[None], size, "bicubic"), _masks_to_square(m[None], size),
-              np.zeros(1, int), np.zeros(1, int), np.ones(1, np.uint8))
+    try:
+        for it in tqdm(items, desc="HC18 cache", unit="image", file=sys.stderr):
+            img = cv2.imread(str(it["image"]), cv2.IMREAD_GRAYSCALE)
+            m = filled_mask(cv2.imread(str(it["annotation"]), cv2.IMREAD_GRAYSCALE))
+            w.add({"uuid": it["name"], "subject_id": it["subject"], "frames_per_sweep": 1, "shape": [1, *img.shape],
+                   "ac_mm": [it["hc_mm"]]}, _frames_to_square(img[None], size, "bicubic"),
+                  _masks_to_square(m[None], size), np.zeros(1, int), np.zeros(1, int), np.ones(1, np.uint8))
+    except BaseException:
+        w.abort()
+        raise
     return w.close()
 
 
