@@ -485,11 +485,8 @@ def unusual_geometry(shape: tuple[int, ...]) -> str:
 def check_writable(*folders: Path) -> None:
     """Fail before the expensive part when an output folder cannot be created or written."""
     for folder in folders:
-        probe = folder / f".write-probe-{os.getpid()}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe.touch()
-            probe.unlink()
+            fio.check_writable(folder)
         except OSError as err:
             raise UserError(f"cannot write to output folder {folder}: {err.strerror or err}") from err
 

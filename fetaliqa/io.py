@@ -194,6 +194,16 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink()
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if need be and write and remove a probe file there: an OSError now,
+    before the expensive part, instead of after it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}"
+    probe.touch()
+    probe.unlink()
+
+
 AC_SWEEP_COLUMNS = tuple(f"sweep_{k}_ac_mm" for k in range(1, 7))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fetaliqa.io import strict_json
+from fetaliqa.io import check_writable, strict_json
 from fetaliqa.metrics import aggregate, frame_metrics, score_case
 from fetaliqa.model import is_exported_model, load_exported
 from fetaliqa.model.config import PUBLISHED_THRESHOLDS
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1
     if args.out is not None:  # before the cases, not after them
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / ".write-probe").touch()
-            (args.out / ".write-probe").unlink()
+            check_writable(args.out)
         except OSError as err:
             p.error(f"--out {args.out}: cannot write there ({err.strerror or err})")
     try:

@@ -248,6 +248,8 @@ def _count(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
+    from fetaliqa.io import check_writable
+
     p = argparse.ArgumentParser(prog="python -m fetaliqa.simulate", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="output folder (created if missing)")
     p.add_argument("--cases", type=_count, default=1, help="number of cases (default 1)")
@@ -282,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None:
         p.error("--out is required (or --stats)")
     try:
-        a.out.mkdir(parents=True, exist_ok=True)
-        probe = a.out / ".fetaliqa-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable(a.out)
     except OSError as err:
         print(f"error: cannot write to output folder {a.out}: {err.strerror or err}", file=sys.stderr)
         return 1
