@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export-to", type=Path, default=REPO / "resources" / "model")
     p.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo, 1 thread each)")
     a, train_args = p.parse_known_args(argv)  # anything else goes to training.train
-    if not 0 <= a.seed <= 0xFFFFFFFF or a.cases < 1 or a.frames_per_sweep < 1:
-        p.error("--seed must be in 0..4294967295, --cases and --frames-per-sweep >= 1")
+    from fetaliqa.simulate import MAX_RUN_SEED
+    if not 0 <= a.seed <= MAX_RUN_SEED or a.cases < 1 or a.frames_per_sweep < 1:
+        p.error(f"--seed must be in 0..{MAX_RUN_SEED}, --cases and --frames-per-sweep >= 1")
     t0 = time.time()
     data = simulate_release(a.work / "data", a.cases, a.seed, a.frames_per_sweep, a.workers)
     t_sim = time.time() - t0

@@ -69,11 +69,14 @@ class SimulatedCase:
     spacing_mm: float = SPACING_MM
 
 
+MAX_RUN_SEED = 0xFFFFFFFF  # case_seed's stream keeps 32 bits of the run seed
+
+
 def case_seed(seed: int, index: int) -> int:
     """Seed of case ``index`` of a run started with ``--seed seed`` (independent streams). ``seed``
     in 0..2**32-1: the stream keeps 32 bits of it, so larger or negative seeds would alias others."""
-    if not 0 <= int(seed) <= 0xFFFFFFFF:
-        raise ValueError(f"run seed {seed} outside 0..{0xFFFFFFFF} (it would give another seed's cases)")
+    if not 0 <= int(seed) <= MAX_RUN_SEED:
+        raise ValueError(f"run seed {seed} outside 0..{MAX_RUN_SEED} (it would give another seed's cases)")
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
@@ -267,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", action="store_true", help="print label statistics of the cases "
                    "(geometry only, fast); writes nothing")
     a = p.parse_args(argv)
-    if not 0 <= a.seed <= 0xFFFFFFFF:
-        p.error(f"--seed must be in 0..{0xFFFFFFFF}, got {a.seed}")
+    if not 0 <= a.seed <= MAX_RUN_SEED:
+        p.error(f"--seed must be in 0..{MAX_RUN_SEED}, got {a.seed}")
     if a.stats and a.cases < 1:
         p.error("--stats needs --cases >= 1")
     try:
