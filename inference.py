@@ -514,7 +514,7 @@ def write_json_file(*, location: Path, content) -> None:
         raise UserError(f"cannot write {location}: {err.strerror or err}") from err
 
 
-EXTRAS_FILES = ("result.json", "quality-curve.png", "overlay.png")
+EXTRAS_RESULT, EXTRAS_CURVE, EXTRAS_OVERLAY = EXTRAS_FILES = ("result.json", "quality-curve.png", "overlay.png")
 
 
 def clear_extras(folder: Path, keep_folder: bool) -> None:
@@ -544,7 +544,7 @@ def write_extras(folder: Path, stack: np.ndarray, frame: int, mask: np.ndarray,
     scores = np.asarray(analysis.scores, np.float64) if analysis is not None else np.full(n, np.nan)
     good = np.asarray(analysis.good, bool) if analysis is not None else np.zeros(n, bool)
     ac = official_circumference_mm(mask) if frame >= 0 else None
-    fio.write_json(folder / "result.json", {
+    fio.write_json(folder / EXTRAS_RESULT, {
         "frame": frame, "ac_mm": None if ac is None else round(float(ac), 2),
         "mask_pixels": int(mask.sum()), "model": str(model_dir),
         "scores": [None if not np.isfinite(s) else round(float(s), 5) for s in scores],
@@ -565,7 +565,7 @@ def write_extras(folder: Path, stack: np.ndarray, frame: int, mask: np.ndarray,
     axes[-1, 0].set_xlabel("frame")
     fig.suptitle("per-frame quality score (green: frames judged good)", fontsize=9)
     fig.tight_layout()
-    _save_fig(fig, folder / "quality-curve.png")
+    _save_fig(fig, folder / EXTRAS_CURVE)
 
     shown = frame if frame >= 0 else 0
     fig, ax = plt.subplots(figsize=(7.44, 5.62), dpi=100)
@@ -575,7 +575,7 @@ def write_extras(folder: Path, stack: np.ndarray, frame: int, mask: np.ndarray,
     ax.set_title(f"frame {frame}" + (f", AC {ac:.1f} mm" if ac else ""), fontsize=10)
     ax.axis("off")
     fig.tight_layout()
-    _save_fig(fig, folder / "overlay.png")
+    _save_fig(fig, folder / EXTRAS_OVERLAY)
     plt.close("all")
     log.info("extras in %s: result.json (AC %s mm), quality-curve.png, overlay.png", folder,
              "none" if ac is None else f"{ac:.1f}")
